@@ -1,0 +1,38 @@
+"""lightning_frozenbn: fine-tune torchvision ResNets with frozen BatchNorm, verifiably and fast."""
+
+from lightning_frozenbn.backbone import ARCHS, NORMS, ResNetBackbone, ResNetHead, WeightsMismatchError, build_resnet
+from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, find_frozen_modules
+from lightning_frozenbn.module import FrozenBNClassifier
+from lightning_frozenbn.norm import (
+    FoldedConv2d,
+    FoldedFrozenBatchNorm2d,
+    StatsFrozenBatchNorm2d,
+    calibrate_bn,
+    convert_frozen_batchnorm,
+    fold_frozen_batchnorm,
+    to_batchnorm,
+    unfold_frozen_batchnorm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHS",
+    "NORMS",
+    "FoldedConv2d",
+    "FoldedFrozenBatchNorm2d",
+    "FrozenBNClassifier",
+    "FrozenModuleGuard",
+    "FrozenStateViolation",
+    "ResNetBackbone",
+    "ResNetHead",
+    "StatsFrozenBatchNorm2d",
+    "WeightsMismatchError",
+    "build_resnet",
+    "calibrate_bn",
+    "convert_frozen_batchnorm",
+    "find_frozen_modules",
+    "fold_frozen_batchnorm",
+    "to_batchnorm",
+    "unfold_frozen_batchnorm",
+]

@@ -1,0 +1,231 @@
+"""FrozenBNClassifier: a LightningModule wrapping the frozen-BN ResNet backbone and head, built to be subclassed."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchvision
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_frozenbn.backbone import Norm, build_resnet
+from lightning_frozenbn.norm import calibrate_bn, fold_frozen_batchnorm, to_batchnorm
+
+__all__ = ["FrozenBNClassifier", "default_optimizer"]
+
+
+def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9, lr 0.01 and weight decay 1e-4: the fine-tuning default of the field."""
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+
+class FrozenBNClassifier(pl.LightningModule):
+    """Image classifier on a frozen-BN torchvision ResNet: backbone (stem..layer3) + head (layer4) + linear.
+
+    Meant to be subclassed by research code: override :meth:`forward_features` (the embedding),
+    :meth:`forward` (the logits), :meth:`compute_loss` or :meth:`param_groups` and keep the rest
+    (metrics, optimizer wiring, calibration, finite-loss check, export).
+
+    Args:
+        num_classes: number of classes; LightningCLI links it from the data module.
+        arch: torchvision ResNet name, see :data:`lightning_frozenbn.ARCHS`.
+        weights: None, a torchvision weight name ("DEFAULT", "IMAGENET1K_V2", ...) or a local file.
+        norm: BN policy: "frozen", "eval", "train" or "sync" (see :func:`build_resnet`).
+        freeze_at: detectron2's freeze_at, 0..5; 2 freezes the stem and layer1.
+        fold: fold frozen BN into the preceding convolutions (same function, faster, less memory).
+        compile: ``torch.compile`` the backbone and head in place (state-dict keys unchanged). Off by
+            default: it pays on GPU, rarely on CPU.
+        channels_last: run the network in channels_last memory format (faster on tensor-core GPUs).
+        backbone_lr_mult: the backbone's learning rate is the optimizer's times this factor
+            (e.g. 0.1: a pretrained backbone moves slower than the freshly initialised head).
+        label_smoothing: cross-entropy label smoothing.
+        calibrate_bn: before training, re-estimate the frozen BN statistics on this many training
+            batches (0 = keep the loaded statistics). Use it when the data is far from ImageNet or the
+            weights are random. Skipped when resuming: the statistics come from the checkpoint.
+        check_finite: stop training with a clear error at the first NaN/inf loss (all ranks).
+        optimizer: optimizer factory, set in YAML as ``optimizer: {class_path: torch.optim.AdamW, ...}``.
+        scheduler: LR scheduler factory; None means cosine decay to 0 over the whole run, per step.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "resnet50",
+        weights: str | None = None,
+        norm: Norm = "frozen",
+        freeze_at: int = 2,
+        fold: bool = True,
+        compile: bool = False,
+        channels_last: bool = False,
+        backbone_lr_mult: float = 1.0,
+        label_smoothing: float = 0.0,
+        calibrate_bn: int = 0,
+        check_finite: bool = True,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"num_classes={num_classes!r} is invalid: expected an integer >= 1 (the number of class "
+                "folders in your data). With the CLI it is taken from the data module; do not set it twice."
+            )
+        if not backbone_lr_mult >= 0:
+            raise ValueError(f"backbone_lr_mult={backbone_lr_mult!r} must be >= 0 (1.0 = same LR as the head).")
+        if isinstance(calibrate_bn, bool) or not isinstance(calibrate_bn, int) or calibrate_bn < 0:
+            raise ValueError(f"calibrate_bn={calibrate_bn!r} must be a number of batches >= 0 (0 = off).")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.backbone, self.head = build_resnet(arch, weights, norm, freeze_at, fold)
+        self.classifier = nn.Linear(self.head.out_channels, num_classes)
+        metric_ks = (1, 5) if num_classes >= 5 else (1,)
+        self.val_acc = nn.ModuleDict({f"top{k}": MulticlassAccuracy(num_classes, top_k=k) for k in metric_ks})
+        self.test_acc = copy.deepcopy(self.val_acc)
+        self._compiled = False
+
+    # ---- the parts research code overrides -------------------------------------------------
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Return the embedding ``(N, head.out_channels)``: backbone then head."""
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return class logits."""
+        return self.classifier(self.forward_features(x))
+
+    def compute_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy (with optional label smoothing)."""
+        return F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters only, in a backbone group and a head group (for ``backbone_lr_mult``)."""
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        groups = [{"params": backbone, "name": "backbone"}, {"params": rest, "name": "head"}]
+        return [g for g in groups if g["params"]]
+
+    # ---- Lightning hooks --------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Apply channels_last and torch.compile once, on the target device."""
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if self.hparams.compile and not self._compiled:
+            if not torch._dynamo.is_dynamo_supported():
+                raise RuntimeError(
+                    f"compile=True but torch.compile is not supported here (torch {torch.__version__}). "
+                    "Set `model.compile: false`."
+                )
+            self.backbone.compile()
+            self.head.compile()
+            self._compiled = True
+
+    def on_fit_start(self) -> None:
+        """Calibrate frozen BN statistics before the guard takes its reference (``on_train_start``)."""
+        if not self.hparams.calibrate_bn:
+            return
+        if self.trainer.ckpt_path is not None:
+            rank_zero_info("calibrate_bn: resuming from a checkpoint, keeping its frozen BN statistics.")
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise RuntimeError("calibrate_bn needs a LightningDataModule passed to `Trainer.fit(datamodule=...)`.")
+        batches = (batch[0].to(self.device) for batch in datamodule.train_dataloader())
+        count = calibrate_bn(self, batches, self.hparams.calibrate_bn, reduce=self.trainer.strategy.reduce)
+        if self.hparams.fold:
+            fold_frozen_batchnorm(self.backbone)
+            fold_frozen_batchnorm(self.head)
+        rank_zero_info(
+            f"calibrate_bn: re-estimated the statistics of {count} frozen BN layers on "
+            f"{self.hparams.calibrate_bn} training batches (population mean/variance)."
+        )
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """One step; stops all ranks at the first non-finite loss instead of training on garbage."""
+        x, y = batch[0], batch[1]
+        loss = self.compute_loss(self(x), y)
+        if self.hparams.check_finite:
+            finite = bool(torch.isfinite(loss).all())
+            if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+                where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+                value = loss.item() if finite is False else "finite here, non-finite on another rank"
+                raise FloatingPointError(
+                    f"Training loss is not finite at {where}: {value} (rank {self.global_rank}). "
+                    "Lower the learning rate (`model.optimizer.init_args.lr`), check the input data, or "
+                    "resume from an earlier checkpoint."
+                )
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metrics: nn.ModuleDict) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        self.log(f"{stage}/loss", self.compute_loss(logits, y), sync_dist=True, batch_size=x.shape[0])
+        for name, metric in metrics.items():
+            metric(logits, y)
+            key = f"{stage}/acc" if name == "top1" else f"{stage}/acc_{name}"
+            self.log(key, metric, prog_bar=name == "top1", batch_size=x.shape[0])
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Loss, top-1 and top-5 accuracy on the validation split."""
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Loss, top-1 and top-5 accuracy on the test split."""
+        self._eval_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Class probabilities ``(N, num_classes)``."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(dim=-1)
+
+    def configure_optimizers(self) -> Any:
+        """Optimizer over trainable parameters only; backbone LR scaled; cosine per step by default."""
+        groups = self.param_groups()
+        if not groups:
+            raise ValueError(
+                "No trainable parameters: everything is frozen. Lower `freeze_at` (5 freezes the whole "
+                "trunk, and the classifier should still train) or unfreeze something."
+            )
+        optimizer = self.optimizer_factory(groups)
+        for group in optimizer.param_groups:
+            if group.get("name") == "backbone":
+                group["lr"] *= self.hparams.backbone_lr_mult
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+    # ---- export -----------------------------------------------------------------------------
+    def to_torchvision(self) -> torchvision.models.ResNet:
+        """Export to a plain ``torchvision.models.<arch>(num_classes=...)`` with nn.BatchNorm2d, in eval mode.
+
+        The result has no dependency on this package, computes the same logits in eval mode, and its
+        ``state_dict()`` is a standard torchvision checkpoint.
+        """
+        trunk = to_batchnorm(copy.deepcopy(nn.ModuleDict({"b": self.backbone, "h": self.head})).cpu().float())
+        state = {**trunk["b"].state_dict(), **trunk["h"].state_dict()}
+        state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+        state["fc.weight"], state["fc.bias"] = self.classifier.weight.detach().cpu(), self.classifier.bias.detach().cpu()
+        model = getattr(torchvision.models, self.hparams.arch)(num_classes=self.hparams.num_classes)
+        model.load_state_dict(state)
+        return model.eval()
+
+    def export(self, path: str | Path) -> Path:
+        """Write :meth:`to_torchvision`'s state dict to ``path`` (loadable with ``weights_only=True``)."""
+        path = Path(path)
+        torch.save(self.to_torchvision().state_dict(), path)
+        return path

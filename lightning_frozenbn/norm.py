@@ -1,0 +1,400 @@
+"""BatchNorm policies: frozen and stats-frozen layers, BN <-> FrozenBatchNorm2d conversion, and conv folding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+__all__ = [
+    "FoldedConv2d",
+    "calibrate_bn",
+    "FoldedFrozenBatchNorm2d",
+    "StatsFrozenBatchNorm2d",
+    "convert_frozen_batchnorm",
+    "fold_frozen_batchnorm",
+    "frozen_affine",
+    "to_batchnorm",
+    "unfold_frozen_batchnorm",
+]
+
+
+class StatsFrozenBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that always normalises with its running statistics, whatever the module mode.
+
+    This is the ``norm="eval"`` policy (mmdetection's ``norm_eval``): the affine ``weight`` and
+    ``bias`` stay trainable parameters, but ``running_mean``/``running_var`` never move. Unlike the
+    usual "call ``.eval()`` on the BN layers" recipe, a stray ``model.train()`` cannot undo it,
+    because the forward never reads ``self.training``. The state-dict keys are those of
+    ``nn.BatchNorm2d``, so torchvision checkpoints load unchanged.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalise ``input`` with the running statistics and the (trainable) affine map."""
+        self._check_input_dim(input)
+        return F.batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+def frozen_affine(bn: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Return the per-channel ``(scale, shift)`` that a FrozenBatchNorm2d applies: ``y = x * scale + shift``.
+
+    The arithmetic is torchvision's, in the buffers' dtype, so a folded convolution computes the same
+    numbers as the unfolded module up to the rounding of one multiplication.
+    """
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    return scale, bn.bias - bn.running_mean * scale
+
+
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A FrozenBatchNorm2d whose affine map is applied by the convolution before it.
+
+    It keeps its four buffers (and so its state-dict keys and the guard's view of them) but its
+    forward is the identity: the paired :class:`FoldedConv2d` already produced the normalised output.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return ``x`` unchanged: the preceding :class:`FoldedConv2d` applied this layer."""
+        return x
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.weight.shape[0]}, eps={self.eps}, folded into the conv)"
+
+
+class FoldedConv2d(nn.Conv2d):
+    """Conv2d followed by a FrozenBatchNorm2d, computed as one convolution: ``conv(x, W * s) + b``.
+
+    Why: torchvision's FrozenBatchNorm2d is two extra elementwise passes over every activation and,
+    under bf16 autocast, multiplies by fp32 buffers so every activation after it becomes fp32. Frozen
+    BN is a per-output-channel affine map, so it folds into the convolution exactly. For a trainable
+    convolution ``W * s`` is recomputed each call (a tensor the size of the weight, not of the
+    activation) so autograd reaches ``W``; for a frozen one the folded weight is cached, keyed on the
+    storage and version counter of every tensor it came from, so ``load_state_dict``, ``.to()``, an
+    in-place edit or a resume can never leave a stale weight behind.
+
+    The module shares its ``weight``/``bias`` parameters with the original convolution and reads the
+    batch-norm buffers from the paired :class:`FoldedFrozenBatchNorm2d`, which stays where torchvision
+    puts it: state-dict keys and values are unchanged by folding.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> None:
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+        )
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.train(conv.training)
+        # Not a registered submodule: the BN buffers must keep their own state-dict keys.
+        object.__setattr__(self, "_folded_bn", bn)
+        self._cache_key: tuple | None = None
+        self._cache: tuple[Tensor, Tensor] | None = None
+
+    def _sources(self) -> list[Tensor]:
+        bn = self._folded_bn
+        tensors = [self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        return tensors if self.bias is None else [*tensors, self.bias]
+
+    def _fold(self, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        scale, shift = frozen_affine(self._folded_bn)
+        weight = self.weight * scale.to(self.weight.dtype).reshape(-1, 1, 1, 1)
+        bias = shift if self.bias is None else self.bias * scale + shift
+        if dtype is not None:
+            weight, bias = weight.to(dtype), bias.to(dtype)
+        return weight, bias
+
+    def folded_weight_and_bias(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return the convolution weight and bias with the frozen BN folded in, cached when frozen."""
+        needs_grad = torch.is_grad_enabled() and (
+            self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        )
+        if needs_grad or torch.compiler.is_compiling():
+            return self._fold(None)
+        dtype = None
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        key = (dtype, *((t.device, t.dtype, t.data_ptr(), t._version) for t in self._sources()))
+        if key != self._cache_key or self._cache is None:
+            with torch.no_grad():
+                self._cache = self._fold(dtype)
+            self._cache_key = key
+        return self._cache
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Convolve with the folded weight; the result equals ``bn(conv(input))``."""
+        weight, bias = self.folded_weight_and_bias(input)
+        return self._conv_forward(input, weight, bias)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_cache"], state["_cache_key"] = None, None
+        return state
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", folded with frozen BN"
+
+
+def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d and SyncBatchNorm in ``module`` by a FrozenBatchNorm2d.
+
+    Works on any model (detectron2's ``convert_frozen_batchnorm`` shape: a leaf is returned as a
+    new module, a container is edited in place). Unlike detectron2 and timm, the statistics and the
+    affine map are *cloned*, not shared, so freezing a copy never aliases the source model's
+    storage, and ``eps`` is carried over (models with ``eps=1e-3`` stay exact).
+
+    Args:
+        module: a model or a single BN layer.
+
+    Returns:
+        The converted module (a new object if ``module`` itself was a BN layer).
+
+    Raises:
+        ValueError: a BN layer keeps no running statistics (``track_running_stats=False``), so
+            there is nothing to freeze.
+    """
+    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        if module.running_mean is None or module.running_var is None:
+            raise ValueError(
+                f"Cannot freeze {module}: it was built with track_running_stats=False, so it has no "
+                "running statistics to freeze. Build it with track_running_stats=True or use "
+                "norm='train'."
+            )
+        frozen = FrozenBatchNorm2d(module.num_features, module.eps)
+        with torch.no_grad():
+            if module.affine:
+                frozen.weight = module.weight.detach().clone()
+                frozen.bias = module.bias.detach().clone()
+            else:
+                frozen.weight = torch.ones_like(module.running_mean)
+                frozen.bias = torch.zeros_like(module.running_mean)
+            frozen.running_mean = module.running_mean.detach().clone()
+            frozen.running_var = module.running_var.detach().clone()
+        return frozen
+    for name, child in module.named_children():
+        new_child = convert_frozen_batchnorm(child)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+def to_batchnorm(module: nn.Module) -> nn.Module:
+    """Export: turn frozen and folded layers back into plain ``nn.Conv2d`` + ``nn.BatchNorm2d``.
+
+    The result's state dict loads into a plain ``torchvision.models.<arch>()`` (it has
+    ``num_batches_tracked`` again) and computes the same function in eval mode. Tensors are cloned.
+    """
+    module = unfold_frozen_batchnorm(module)
+    if isinstance(module, (FrozenBatchNorm2d, nn.BatchNorm2d)) and not isinstance(module, nn.SyncBatchNorm):
+        plain = nn.BatchNorm2d(module.weight.shape[0], eps=module.eps)
+        plain = plain.to(device=module.running_mean.device, dtype=module.running_mean.dtype)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(plain, name).copy_(getattr(module, name))
+        plain.eval()
+        return plain
+    for name, child in module.named_children():
+        new_child = to_batchnorm(child)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """fx tracer that keeps FrozenBatchNorm2d (a torchvision module, not torch.nn) as one call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FrozenBatchNorm2d) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """Find ``(conv, bn)`` module names where a Conv2d's output feeds only a FrozenBatchNorm2d.
+
+    Traced with torch.fx so the pairing comes from the real data flow, not from naming habits.
+    """
+    try:
+        graph = _LeafTracer().trace(module)
+    except Exception as err:  # fx raises many types for untraceable control flow
+        raise ValueError(
+            f"fold_frozen_batchnorm could not trace {type(module).__name__} with torch.fx ({err}). "
+            "Pass the pairs explicitly: fold_frozen_batchnorm(model, pairs=[('conv1', 'bn1'), ...])."
+        ) from err
+    modules = dict(module.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], FrozenBatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and type(modules[src.target]) is nn.Conv2d
+            and len(src.users) == 1
+            and calls[src.target] == 1
+            and calls[node.target] == 1
+        ):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def fold_frozen_batchnorm(module: nn.Module, pairs: list[tuple[str, str]] | None = None) -> nn.Module:
+    """Fold every ``Conv2d -> FrozenBatchNorm2d`` pair of ``module`` into one convolution, in place.
+
+    Parameters and buffers are shared, not copied, so state-dict keys and values, optimizer
+    references and the guard's fingerprints are unchanged. BatchNorm2d layers (norm "eval", "train",
+    "sync") are left alone: their statistics or affine map change during training.
+
+    Args:
+        module: any model; its conv/BN pairs are found by tracing it with torch.fx.
+        pairs: explicit ``(conv_name, bn_name)`` pairs for models that torch.fx cannot trace.
+
+    Returns:
+        ``module``, edited in place.
+    """
+    if pairs is None:
+        pairs = _conv_bn_pairs(module)
+    modules = dict(module.named_modules())
+    for conv_name, bn_name in pairs:
+        conv, bn = modules.get(conv_name), modules.get(bn_name)
+        if type(conv) is not nn.Conv2d or type(bn) is not FrozenBatchNorm2d:
+            raise ValueError(
+                f"Cannot fold ({conv_name!r}, {bn_name!r}): expected an nn.Conv2d and a FrozenBatchNorm2d, "
+                f"found {type(conv).__name__} and {type(bn).__name__}."
+            )
+        if conv.out_channels != bn.weight.shape[0]:
+            raise ValueError(
+                f"Cannot fold ({conv_name!r}, {bn_name!r}): the conv has {conv.out_channels} output "
+                f"channels but the BN normalises {bn.weight.shape[0]}."
+            )
+        folded_bn = FoldedFrozenBatchNorm2d(bn.weight.shape[0], bn.eps)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            setattr(folded_bn, name, getattr(bn, name))
+        folded_bn.train(bn.training)
+        _set_submodule(module, bn_name, folded_bn)
+        _set_submodule(module, conv_name, FoldedConv2d(conv, folded_bn))
+    return module
+
+
+def unfold_frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """Undo :func:`fold_frozen_batchnorm` in place: plain ``nn.Conv2d`` + ``FrozenBatchNorm2d`` again."""
+    for name, child in list(module.named_modules()):
+        if not name:
+            continue
+        if isinstance(child, FoldedConv2d):
+            conv = nn.Conv2d(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                stride=child.stride,
+                padding=child.padding,
+                dilation=child.dilation,
+                groups=child.groups,
+                bias=child.bias is not None,
+                padding_mode=child.padding_mode,
+                device="meta",
+            )
+            conv.weight, conv.bias = child.weight, child.bias
+            conv.train(child.training)
+            _set_submodule(module, name, conv)
+        elif isinstance(child, FoldedFrozenBatchNorm2d):
+            bn = FrozenBatchNorm2d(child.weight.shape[0], child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                setattr(bn, key, getattr(child, key))
+            bn.train(child.training)
+            _set_submodule(module, name, bn)
+    return module
+
+
+def calibrate_bn(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    num_batches: int,
+    reduce: Callable[..., Tensor] | None = None,
+) -> int:
+    """Re-estimate the statistics of every frozen BN layer as a population average, then keep them frozen.
+
+    Why: frozen BN normalises with whatever statistics it was given. When the data is far from the
+    pretraining data (or the weights are random) those statistics are wrong at every layer. This is
+    "precise BN": the model runs ``num_batches`` batches with each frozen BN layer normalising by the
+    batch's own statistics (as in training), while the exact per-channel mean and variance of each
+    layer's input are accumulated in float64 over all pixels of all batches; no exponential moving
+    average, no dependence on batch order. Under DDP pass ``reduce=trainer.strategy.reduce`` so the
+    sums are added over ranks and every rank ends with the same statistics.
+
+    Args:
+        model: the model; folded pairs are unfolded (the caller may fold again afterwards).
+        batches: an iterable of input tensors, already on the model's device.
+        num_batches: how many batches to use (fewer if ``batches`` runs out).
+        reduce: a ``reduce(tensor, reduce_op="sum")`` across processes, e.g. a Lightning strategy's.
+
+    Returns:
+        The number of BN layers calibrated.
+
+    Raises:
+        ValueError: ``batches`` yields nothing.
+    """
+    unfold_frozen_batchnorm(model)
+    layers = [m for m in model.modules() if isinstance(m, (FrozenBatchNorm2d, StatsFrozenBatchNorm2d))]
+    if not layers:
+        return 0
+    stats: dict[nn.Module, list[Tensor]] = {}
+
+    def normalise_by_batch(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        x = args[0].double()
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+        acc = stats.setdefault(module, [torch.zeros_like(mean), torch.zeros_like(mean), torch.zeros_like(mean[:1])])
+        n = x.numel() / x.shape[1]
+        acc[0] += mean * n
+        acc[1] += (var + mean**2) * n
+        acc[2] += n
+        y = (x - mean[None, :, None, None]) * (var[None, :, None, None] + module.eps).rsqrt()
+        y = y * module.weight.double()[None, :, None, None] + module.bias.double()[None, :, None, None]
+        return y.to(output.dtype)
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [layer.register_forward_hook(normalise_by_batch) for layer in layers]
+    used = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for x in batches:
+                if used >= num_batches:
+                    break
+                model(x)
+                used += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    if used == 0:
+        raise ValueError("calibrate_bn got no batches: the training dataloader is empty.")
+    with torch.no_grad():
+        for layer in layers:
+            total, total_sq, count = stats[layer]
+            if reduce is not None:
+                total, total_sq, count = (reduce(t, reduce_op="sum") for t in (total, total_sq, count))
+            mean = total / count
+            layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
+            layer.running_var.copy_((total_sq / count - mean**2).clamp_min(0).to(layer.running_var.dtype))
+    return len(layers)
