@@ -109,10 +109,12 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), "")
         raise ValueError(
-            f"Refused to load {str(path)!r}: it holds Python objects other than tensors and plain "
-            f"containers, and loading it could run code ({str(err).splitlines()[0]}). Re-save only the "
-            "weights with torch.save(model.state_dict(), path) from a source you trust."
+            f"Refused to load {str(path)!r}: torch.load(weights_only=True) rejected it ({detail or 'unpickling error'}). "
+            "Either the file is corrupt, or it holds Python objects other than tensors, whose loading "
+            "could run code. Re-save only the weights with torch.save(model.state_dict(), path) from a "
+            "source you trust."
         ) from err
     except Exception as err:  # truncated zip, random bytes, ... : torch raises several types
         raise ValueError(

@@ -26,7 +26,15 @@ __all__ = ["FrozenModuleGuard", "FrozenStateViolation", "find_frozen_modules", "
 
 log = logging.getLogger(__name__)
 OnViolation = Literal["raise", "warn", "restore"]
+# Layers whose forward depends on train/eval mode (FrozenBatchNorm2d's does not, so it needs no hook).
+_MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _keep_eval(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook: a guarded module always runs in eval mode, whoever called ``.train()``."""
+    if module.training:
+        module.eval()
 
 
 class FrozenStateViolation(RuntimeError):
@@ -85,9 +93,10 @@ class FrozenModuleGuard(Callback):
       are all frozen, plus every FrozenBatchNorm2d) and logs a freeze report when training starts;
     * puts them in eval mode at ``on_train_start`` (after Lightning's "modules in eval mode" check, so
       that warning is not raised for them) and again at the start of every epoch and every training
-      batch. The start of a training batch is the last point a callback can act: a ``.train()`` call
-      inside ``training_step`` itself is not undone, but its effect on BN statistics is caught by the
-      verification below;
+      batch. The start of a training batch is the last point a *callback hook* can act, so during fit
+      the guard also installs a forward pre-hook on each frozen module that switches it back to eval
+      right before it runs: even a ``self.train()`` inside ``training_step`` cannot put a frozen BN in
+      train mode. The hooks are removed at ``teardown``;
     * keeps an exact copy of every frozen parameter and buffer and, after every training epoch,
       checks each bit for bit; under DDP it also checks that all ranks hold the same frozen state.
       A change is reported with the tensor's name, the max abs difference, the number of changed
@@ -133,6 +142,7 @@ class FrozenModuleGuard(Callback):
         self._loaded_checksums: dict[str, list[int]] | None = None
         self._epochs_verified = 0
         self._reapplied_eval = 0
+        self._hooks: list[Any] = []
 
     @property
     @override
@@ -205,6 +215,12 @@ class FrozenModuleGuard(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._collect(pl_module)
         self._set_eval()
+        self._remove_hooks()
+        self._hooks = [
+            module.register_forward_pre_hook(_keep_eval)
+            for module in self._frozen.values()
+            if any(isinstance(m, _MODE_SENSITIVE) for m in module.modules())
+        ]
         problems: list[str] = []
         if self._loaded_checksums is not None:
             problems = self._compare_with_checkpoint()
@@ -238,6 +254,10 @@ class FrozenModuleGuard(Callback):
         self._verify(trainer, f"epoch {trainer.current_epoch}")
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"reference_checksums": self._reference_checksums, "epochs_verified": self._epochs_verified}
 
@@ -256,6 +276,11 @@ class FrozenModuleGuard(Callback):
     def frozen_tensor_names(self) -> list[str]:
         """Names of the guarded tensors (valid after training started)."""
         return list(self._tensors)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _set_eval(self) -> None:
         flipped = False

@@ -215,7 +215,8 @@ class _LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps FrozenBatchNorm2d (a torchvision module, not torch.nn) as one call."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, FrozenBatchNorm2d) or super().is_leaf_module(m, module_qualified_name)
+        norm_layer = isinstance(m, (FrozenBatchNorm2d, nn.modules.batchnorm._BatchNorm))
+        return norm_layer or super().is_leaf_module(m, module_qualified_name)
 
 
 def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
@@ -272,7 +273,8 @@ def fold_frozen_batchnorm(module: nn.Module, pairs: list[tuple[str, str]] | None
         ``module``, edited in place.
     """
     if pairs is None:
-        pairs = _conv_bn_pairs(module)
+        has_frozen = any(type(m) is FrozenBatchNorm2d for m in module.modules())
+        pairs = _conv_bn_pairs(module) if has_frozen else []
     modules = dict(module.named_modules())
     for conv_name, bn_name in pairs:
         conv, bn = modules.get(conv_name), modules.get(bn_name)

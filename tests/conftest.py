@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny seeded data, clean process-group state, GPU gating."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_cleanup():
+    torch.manual_seed(0)
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tiny_loader(n: int = 16, size: int = 32, num_classes: int = 4, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    """Random images with a learnable label (the mean of one channel decides the class)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    x[:, 0] += y[:, None, None].float()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BN non-trivial statistics and affine values, so tests cannot pass on defaults."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+                m.num_batches_tracked.fill_(100)
+    return model

@@ -1,0 +1,117 @@
+import pytest
+import torch
+import torchvision
+from conftest import randomize_bn, tiny_loader
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_frozenbn import FrozenBNClassifier, FrozenModuleGuard
+
+
+def trainer(tmp_path, **kwargs):
+    defaults = dict(
+        default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )
+    return Trainer(**{**defaults, **kwargs})
+
+
+def test_only_trainable_parameters_reach_the_optimizer_and_backbone_lr_is_scaled(tmp_path):
+    model = FrozenBNClassifier(num_classes=4, arch="resnet18", freeze_at=3, backbone_lr_mult=0.1)
+    t = trainer(tmp_path, max_steps=1)
+    t.fit(model, tiny_loader())
+    opt = t.optimizers[0]
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    assert in_opt == trainable and frozen and not (in_opt & frozen)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["backbone"]["initial_lr"] == pytest.approx(0.001) and groups["head"]["initial_lr"] == pytest.approx(0.01)
+    assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in model.backbone.layer3.parameters()}
+
+
+def test_checkpoint_alone_rebuilds_the_model_and_predict_gives_probabilities(tmp_path):
+    model = FrozenBNClassifier(num_classes=5, arch="resnet18")
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    t = trainer(tmp_path, enable_checkpointing=True, callbacks=[ckpt])
+    t.fit(model, tiny_loader(num_classes=5), tiny_loader(num_classes=5, seed=1))
+    assert "val/acc" in t.callback_metrics and "val/acc_top5" in t.callback_metrics
+    restored = FrozenBNClassifier.load_from_checkpoint(ckpt.last_model_path, weights_only=True)
+    x = torch.randn(3, 3, 32, 32)
+    model.eval(), restored.eval()
+    torch.testing.assert_close(restored(x), model(x))
+    probs = t.predict(restored, tiny_loader(n=6, num_classes=5))
+    probs = torch.cat(probs)
+    assert probs.shape == (6, 5)
+    torch.testing.assert_close(probs.sum(1), torch.ones(6))
+    # the Lightning checkpoint is also accepted as `weights=` by build_resnet
+    again = FrozenBNClassifier(num_classes=5, arch="resnet18", weights=ckpt.last_model_path).eval()
+    torch.testing.assert_close(again.forward_features(x), model.forward_features(x))
+
+
+def test_export_to_plain_torchvision_gives_same_logits(tmp_path):
+    model = FrozenBNClassifier(num_classes=3, arch="resnet18", freeze_at=2)
+    randomize_bn(model)  # no plain BN left to randomize; emulate trained stats on frozen buffers instead
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "running_var") and m.running_var is not None:
+                m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    path = model.export(tmp_path / "export.pth")
+    plain = torchvision.models.resnet18(num_classes=3)
+    plain.load_state_dict(torch.load(path, weights_only=True))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class EmbeddingHead(FrozenBNClassifier):
+    """A research subclass as in the README: L2-normalised embedding + cosine classifier."""
+
+    def __init__(self, num_classes: int, embed_dim: int = 32, **kwargs):
+        super().__init__(num_classes, **kwargs)
+        self.embed = nn.Linear(self.head.out_channels, embed_dim)
+        self.classifier = nn.Linear(embed_dim, num_classes, bias=False)
+
+    def forward_features(self, x):
+        return nn.functional.normalize(self.embed(super().forward_features(x)), dim=-1)
+
+    def compute_loss(self, logits, target):
+        return nn.functional.cross_entropy(logits * 16.0, target)
+
+
+def test_research_subclass_trains_with_the_guard(tmp_path):
+    model = EmbeddingHead(num_classes=4, arch="resnet18")
+    guard = FrozenModuleGuard()
+    t = trainer(tmp_path, max_epochs=2, callbacks=[guard])
+    t.fit(model, tiny_loader())
+    assert guard.epochs_verified == 2
+    assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+
+
+def test_non_finite_loss_stops_training_with_the_step(tmp_path):
+    class Exploding(FrozenBNClassifier):
+        def compute_loss(self, logits, target):
+            loss = super().compute_loss(logits, target)
+            return loss * float("nan") if self.global_step == 2 else loss
+
+    with pytest.raises(FloatingPointError, match=r"not finite at global step 2 \(epoch 0, batch 2\): nan"):
+        trainer(tmp_path).fit(Exploding(num_classes=4, arch="resnet18"), tiny_loader())
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"num_classes": 0}, "num_classes=0 is invalid: expected an integer >= 1"),
+    ({"num_classes": 4, "backbone_lr_mult": -1.0}, "backbone_lr_mult=-1.0 must be >= 0"),
+    ({"num_classes": 4, "calibrate_bn": -2}, "calibrate_bn=-2 must be a number of batches"),
+])
+def test_bad_module_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FrozenBNClassifier(arch="resnet18", **kwargs)
+
+
+def test_everything_frozen_and_classifier_frozen_is_reported(tmp_path):
+    model = FrozenBNClassifier(num_classes=4, arch="resnet18", freeze_at=5)
+    model.classifier.requires_grad_(False)
+    with pytest.raises(ValueError, match="No trainable parameters"):
+        trainer(tmp_path, max_steps=1).fit(model, tiny_loader())

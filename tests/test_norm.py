@@ -1,0 +1,191 @@
+import copy
+
+import pytest
+import torch
+import torchvision
+from conftest import randomize_bn, requires_gpu
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from lightning_frozenbn import (
+    FoldedConv2d,
+    StatsFrozenBatchNorm2d,
+    build_resnet,
+    calibrate_bn,
+    convert_frozen_batchnorm,
+    fold_frozen_batchnorm,
+    unfold_frozen_batchnorm,
+)
+
+
+def reference_and_folded(arch="resnet18", freeze_at=2, norm="frozen"):
+    """Two copies of the same network with non-trivial statistics: torchvision's FrozenBN vs folded."""
+    plain = randomize_bn(getattr(torchvision.models, arch)(weights=None))
+    plain.fc = nn.Identity()
+    ref = nn.ModuleDict(dict(zip(("backbone", "head"), build_resnet(arch, None, norm, freeze_at, fold=False))))
+    ref.load_state_dict({f"{'backbone' if not k.startswith('layer4') else 'head'}.{k}": v for k, v in plain.state_dict().items()}, strict=False)
+    folded = copy.deepcopy(ref)
+    fold_frozen_batchnorm(folded["backbone"])
+    fold_frozen_batchnorm(folded["head"])
+    return ref, folded
+
+
+def run(model, x):
+    return model["head"](model["backbone"](x))
+
+
+def test_convert_any_model_clones_stats_and_carries_eps():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.SyncBatchNorm(4))
+    randomize_bn(model)
+    model[4].running_var.fill_(2.0)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    expected = model[:4](x)
+    expected = (expected - model[4].running_mean[:, None, None]) / (model[4].running_var[:, None, None] + 1e-5).sqrt()
+    expected = expected * model[4].weight[:, None, None] + model[4].bias[:, None, None]
+    source = copy.deepcopy(model)
+    frozen = convert_frozen_batchnorm(model)
+    assert isinstance(frozen[1], FrozenBatchNorm2d) and isinstance(frozen[4], FrozenBatchNorm2d)
+    assert frozen[1].eps == 1e-3
+    assert frozen[1].running_mean.data_ptr() != source[1].running_mean.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), expected, rtol=1e-5, atol=1e-5)
+    # cloned, not shared: editing the frozen copy leaves a second conversion of the source intact
+    other = convert_frozen_batchnorm(copy.deepcopy(source))
+    frozen[1].running_mean.add_(1)
+    assert not torch.equal(frozen[1].running_mean, other[1].running_mean)
+
+
+def test_convert_refuses_bn_without_running_stats():
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        convert_frozen_batchnorm(nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False)))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+@pytest.mark.parametrize("freeze_at", [0, 2])
+def test_fold_is_exact_forward_and_gradients(arch, freeze_at):
+    ref, folded = reference_and_folded(arch, freeze_at)
+    assert list(ref.state_dict()) == list(folded.state_dict())
+    assert any(isinstance(m, FoldedConv2d) for m in folded.modules())
+    x = torch.randn(2, 3, 32, 32)
+    for mode in ("train", "eval"):
+        ref.train(mode == "train")
+        folded.train(mode == "train")
+        out_ref, out_fold = run(ref, x), run(folded, x)
+        torch.testing.assert_close(out_fold, out_ref, rtol=1e-4, atol=1e-4 * out_ref.abs().max().item())
+    (run(ref, x) ** 2).mean().backward()
+    (run(folded, x) ** 2).mean().backward()
+    grads = {n: p.grad for n, p in folded.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            scale = p.grad.abs().max().item() + 1e-12
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-3, atol=1e-3 * scale)
+
+
+def test_fold_keeps_bf16_under_autocast_and_channels_last():
+    ref, folded = reference_and_folded("resnet18", 2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feat = folded["backbone"](x)
+        assert feat.dtype == torch.bfloat16
+        assert ref["backbone"](x).dtype == torch.float32  # torchvision's module promotes to fp32
+        out_ref = run(ref, x).float()
+        out_fold = run(folded, x).float()
+    torch.testing.assert_close(out_fold, out_ref, rtol=0.05, atol=0.05 * out_ref.abs().max().item())
+    ref_cl = ref.to(memory_format=torch.channels_last)
+    folded_cl = folded.to(memory_format=torch.channels_last)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    out = run(folded_cl, xcl)
+    torch.testing.assert_close(out, run(ref_cl, xcl), rtol=1e-4, atol=1e-4 * out.abs().max().item())
+
+
+def test_frozen_conv_cache_is_invalidated_on_load_to_and_inplace_edit():
+    _, folded = reference_and_folded("resnet18", 2)
+    backbone = folded["backbone"].eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = backbone(x)
+        assert backbone.conv1._cache is not None  # the stem is frozen: cached
+        # 1) load_state_dict of different values
+        state = {k: v.clone() for k, v in backbone.state_dict().items()}
+        state["conv1.weight"] *= 2
+        state["bn1.running_mean"] += 0.5
+        backbone.load_state_dict(state)
+        unfolded = unfold_frozen_batchnorm(copy.deepcopy(backbone))
+        torch.testing.assert_close(backbone(x), unfolded(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(backbone(x), before)
+        # 2) in-place edit of a BN buffer
+        backbone.bn1.running_var.mul_(3)
+        torch.testing.assert_close(backbone(x), unfold_frozen_batchnorm(copy.deepcopy(backbone))(x), rtol=1e-5, atol=1e-5)
+        # 3) .to(dtype): new storage
+        b64 = backbone.to(torch.float64)
+        out64 = b64(x.double())
+        assert out64.dtype == torch.float64
+        torch.testing.assert_close(out64, unfold_frozen_batchnorm(copy.deepcopy(b64))(x.double()))
+
+
+def test_fold_is_noop_without_frozen_bn_and_unfold_restores_types():
+    backbone, _ = build_resnet("resnet18", norm="train", freeze_at=0, fold=True)
+    assert not any(isinstance(m, FoldedConv2d) for m in backbone.modules())
+    backbone, _ = build_resnet("resnet18", norm="frozen", fold=True)
+    keys = list(backbone.state_dict())
+    unfold_frozen_batchnorm(backbone)
+    assert not any(isinstance(m, FoldedConv2d) for m in backbone.modules())
+    assert {type(m) for m in backbone.modules()} >= {nn.Conv2d, FrozenBatchNorm2d}
+    assert list(backbone.state_dict()) == keys
+
+
+def test_fold_explains_untraceable_models():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), FrozenBatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match="could not trace Branchy.*pairs="):
+        fold_frozen_batchnorm(Branchy())
+    model = fold_frozen_batchnorm(Branchy(), pairs=[("conv", "bn")])
+    assert isinstance(model.conv, FoldedConv2d)
+
+
+def test_stats_frozen_bn_ignores_train_mode_but_trains_affine():
+    bn = randomize_bn(nn.Sequential(StatsFrozenBatchNorm2d(4)))[0].train()
+    mean = bn.running_mean.clone()
+    out = bn(torch.randn(8, 4, 5, 5) * 3 + 2)
+    out.sum().backward()
+    assert torch.equal(bn.running_mean, mean)
+    assert bn.weight.grad is not None and bn.bias.grad is not None
+
+
+def test_calibrate_bn_computes_population_statistics():
+    conv = nn.Conv2d(3, 6, 3, bias=False)
+    model = nn.Sequential(conv, FrozenBatchNorm2d(6), nn.ReLU())
+    fold_frozen_batchnorm(model)
+    batches = [torch.randn(4, 3, 12, 12) * (i + 1) + i for i in range(5)]
+    with torch.no_grad():
+        feats = torch.cat([conv(b).permute(1, 0, 2, 3).reshape(6, -1) for b in batches], dim=1).double()
+    n = calibrate_bn(model, iter(batches), num_batches=5)
+    assert n == 1
+    bn = model[1]
+    torch.testing.assert_close(bn.running_mean.double(), feats.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), feats.var(1, unbiased=False), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate_bn(model, iter([]), num_batches=3)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_fold_on_cuda_bf16_keeps_dtype_and_matches():
+    ref, folded = reference_and_folded("resnet50", 2)
+    ref, folded = ref.cuda(), folded.cuda()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert folded["backbone"](x).dtype == torch.bfloat16
+        out_ref, out_fold = run(ref, x).float(), run(folded, x).float()
+    torch.testing.assert_close(out_fold, out_ref, rtol=0.05, atol=0.05 * out_ref.abs().max().item())
+    with torch.no_grad():
+        o1, o2 = run(ref.float(), x), run(folded.float(), x)
+    torch.testing.assert_close(o2, o1, rtol=1e-2, atol=1e-2 * o1.abs().max().item())  # TF32 may be on
