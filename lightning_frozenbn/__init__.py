@@ -1,6 +1,7 @@
 """lightning_frozenbn: fine-tune torchvision ResNets with frozen BatchNorm, verifiably and fast."""
 
 from lightning_frozenbn.backbone import ARCHS, NORMS, ResNetBackbone, ResNetHead, WeightsMismatchError, build_resnet
+from lightning_frozenbn.data import DataError, DigitsDataModule, ImageFolderDataModule, PredictionWriter
 from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, find_frozen_modules
 from lightning_frozenbn.module import FrozenBNClassifier
 from lightning_frozenbn.norm import (
@@ -18,6 +19,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCHS",
+    "DataError",
+    "DigitsDataModule",
+    "ImageFolderDataModule",
+    "PredictionWriter",
     "NORMS",
     "FoldedConv2d",
     "FoldedFrozenBatchNorm2d",

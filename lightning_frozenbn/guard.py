@@ -8,7 +8,6 @@ Keep frozen modules in eval mode and prove, after every training epoch, that the
 from __future__ import annotations
 
 import difflib
-import logging
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -24,7 +23,6 @@ from lightning_frozenbn.norm import StatsFrozenBatchNorm2d
 
 __all__ = ["FrozenModuleGuard", "FrozenStateViolation", "find_frozen_modules", "fingerprint"]
 
-log = logging.getLogger(__name__)
 OnViolation = Literal["raise", "warn", "restore"]
 # Layers whose forward depends on train/eval mode (FrozenBatchNorm2d's does not, so it needs no hook).
 _MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
@@ -334,7 +332,8 @@ class FrozenModuleGuard(Callback):
         if trainer.strategy.reduce_boolean_decision(not local, all=True) and not diverged:
             if "epoch" in when:
                 self._epochs_verified += 1
-            log.debug("FrozenModuleGuard: %d frozen tensors verified at %s", len(self._tensors), when)
+            ranks = f"on all {world} ranks" if world > 1 else "on rank 0"
+            rank_zero_info(f"FrozenModuleGuard: {len(self._tensors)} frozen tensors bit-identical at {when} {ranks}.")
             return
         reports: list[tuple[int, list[str]]] = [(rank, local)]
         if world > 1 and dist.is_available() and dist.is_initialized():

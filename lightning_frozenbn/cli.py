@@ -1,0 +1,147 @@
+"""The ``lightning-frozenbn`` command: LightningCLI with the guard, checkpoints and CSV metrics on by default."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import lazy_instance
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from lightning_frozenbn.backbone import WeightsMismatchError
+from lightning_frozenbn.data import DataError, ImageFolderDataModule, PredictionWriter
+from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation
+from lightning_frozenbn.module import FrozenBNClassifier
+
+__all__ = ["FrozenBNCLI", "main"]
+
+# Mistakes in the user's config, data or files: reported as one line, no traceback.
+USER_ERRORS = (DataError, WeightsMismatchError, FileNotFoundError, FrozenStateViolation, FloatingPointError)
+
+
+class FrozenBNCLI(LightningCLI):
+    """LightningCLI for :class:`FrozenBNClassifier` with the frozen-BN defaults wired in.
+
+    * ``num_classes`` flows from the data module into the model (never written twice);
+    * ``guard`` (a :class:`FrozenModuleGuard`) is on by default; ``--guard null`` turns it off;
+    * ``checkpoint`` (ModelCheckpoint) keeps the best model by ``val/acc`` and ``last.ckpt``;
+    * ``prediction_writer`` writes ``predict`` results to CSV;
+    * a LearningRateMonitor, a CSV logger always and a TensorBoard logger when installed.
+
+    Devices, precision, strategy and num_nodes are plain Trainer flags, settable in YAML or as
+    ``--trainer.<flag>``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", FrozenBNClassifier)
+        kwargs.setdefault("datamodule_class", ImageFolderDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("trainer_defaults", {"callbacks": [LearningRateMonitor(logging_interval="epoch")]})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(**kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link num_classes; add the checkpoint, guard and prediction-writer groups."""
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_argument(
+            "--guard",
+            type=FrozenModuleGuard | None,
+            default=lazy_instance(FrozenModuleGuard),
+            help="The FrozenModuleGuard callback (null to turn it off).",
+        )
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a num_classes written by hand: it comes from the data, and two sources can disagree."""
+        config = self.config.get(str(self.subcommand), self.config)
+        given = config.get("model", {}).get("init_args", {}).get("num_classes")
+        self._checkpoint_num_classes = given if config.get("ckpt_path") else None
+        if given is not None and not config.get("ckpt_path"):
+            self.parser.error(
+                f"`model.init_args.num_classes: {given}` is set by hand, but it is linked from the data module "
+                "(`data.num_classes`, the number of class folders). Remove it from your config or command line."
+            )
+
+    def instantiate_classes(self) -> None:
+        """Instantiate, turning a bad value in the config into a usage error instead of a traceback."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as err:
+            self.parser.error(str(err))
+
+    def after_instantiate_classes(self) -> None:
+        """A checkpoint trained on another number of classes than the data has is a clear error."""
+        expected = getattr(self, "_checkpoint_num_classes", None)
+        if expected is not None and expected != self.datamodule.num_classes:
+            self.parser.error(
+                f"The checkpoint was trained with num_classes={expected}, but the data at "
+                f"{str(self.datamodule.root)!r} has {self.datamodule.num_classes} classes. Use a checkpoint "
+                "trained on this data, or point `data.init_args.root` at the data it was trained on."
+            )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Add the guard and the default loggers (CSV always, TensorBoard when installed)."""
+        guard = self._get(self.config_init, "guard")
+        if guard is not None:
+            kwargs.setdefault("callbacks", [])
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True):
+            root = config.get("default_root_dir") or "."
+            kwargs["logger"] = _default_loggers(root)
+        trainer = super().instantiate_trainer(**kwargs)
+        if guard is not None:
+            trainer.callbacks.insert(0, guard)
+        return trainer
+
+    def after_fit(self) -> None:
+        """Say where the checkpoints and metrics went."""
+        if self.trainer.global_rank != 0:
+            return
+        ckpt = self.trainer.checkpoint_callback
+        lines = []
+        if ckpt is not None and ckpt.best_model_path:
+            score = ckpt.best_model_score
+            lines.append(f"best checkpoint: {ckpt.best_model_path} ({ckpt.monitor}={float(score):.4f})" if score is not None else f"best checkpoint: {ckpt.best_model_path}")
+        if ckpt is not None and ckpt.last_model_path:
+            lines.append(f"last checkpoint: {ckpt.last_model_path}")
+        for logger in self.trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                lines.append(f"metrics: {Path(logger.log_dir) / 'metrics.csv'}")
+        print("\n".join(lines), flush=True)
+
+
+def _default_loggers(root: str) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(root, name="csv")]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(root, name="tensorboard"))
+        loggers[-1].experiment  # noqa: B018  (fails here, not mid-fit, when tensorboard is missing)
+    except (ImportError, ModuleNotFoundError):
+        loggers = loggers[:1]
+    return loggers
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``lightning-frozenbn`` and ``python -m lightning_frozenbn``."""
+    try:
+        FrozenBNCLI(args=args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, (DataError, WeightsMismatchError, FileNotFoundError)) else 1)

@@ -1,0 +1,279 @@
+"""Data modules: an ImageFolder tree on disk, and the offline digits set written as one."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+__all__ = ["DataError", "DigitsDataModule", "ImageFolderDataModule", "PredictionWriter"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """The data folder is missing, malformed, or holds a file that cannot be decoded."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB (grayscale, palette and RGBA converted), naming the file if it is broken.
+
+    A broken file stops training with its path instead of being skipped silently: a skipped file
+    changes the data without anyone knowing. Delete or replace the file and rerun.
+    """
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"Cannot decode image {path!r}: {err}. Delete or replace this file and rerun.") from err
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+class ImageFolderDataModule(pl.LightningDataModule):
+    """Images in ``root/train/<class>/``, ``root/val/<class>/`` and optionally ``root/test/<class>/``.
+
+    ImageNet-style transforms and normalisation (the statistics the pretrained weights expect):
+    random-resized crop (+ optional horizontal flip) for training; resize to ``image_size / 0.875`` and
+    centre crop for evaluation. The folder layout is checked before any training starts.
+
+    Args:
+        root: dataset root holding the split folders.
+        image_size: crop size fed to the network.
+        batch_size: per-device batch size.
+        num_workers: DataLoader worker processes (persistent when > 0).
+        min_scale: smallest crop area fraction of RandomResizedCrop.
+        hflip: random horizontal flips for training (off for data where left/right matters, e.g. digits).
+        pin_memory: pin host memory; None = when CUDA is available.
+        predict_split: the split ``predict`` runs on.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        min_scale: float = 0.08,
+        hflip: bool = True,
+        pin_memory: bool | None = None,
+        predict_split: str = "val",
+    ) -> None:
+        super().__init__()
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+            raise DataError(f"image_size={image_size!r} is invalid: expected an integer >= 8 (e.g. 224).")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1.")
+        if not 0 < min_scale <= 1:
+            raise DataError(f"min_scale={min_scale!r} is invalid: expected a fraction in (0, 1].")
+        self.root = Path(root)
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.min_scale, self.hflip, self.predict_split = min_scale, hflip, predict_split
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.datasets: dict[str, ImageFolder] = {}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class folders in the train split (linked into the model by the CLI)."""
+        return len(self._check_split("train"))
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, in label order."""
+        return self._check_split("train")
+
+    def _check_split(self, split: str) -> list[str]:
+        if not self.root.is_dir():
+            raise DataError(
+                f"Data root {str(self.root)!r} does not exist. Set `data.root` (or `data.init_args.root`) to "
+                "a folder holding train/<class>/ and val/<class>/ image folders."
+            )
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            raise DataError(f"Split folder {str(split_dir)!r} is missing: expected {split}/<class>/ under {str(self.root)!r}.")
+        classes = _class_dirs(split_dir)
+        if not classes:
+            raise DataError(f"{str(split_dir)!r} has no class folders: put each class's images in {split}/<class name>/.")
+        for name in classes:
+            if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (split_dir / name).iterdir() if f.is_file()):
+                raise DataError(
+                    f"Class folder {str(split_dir / name)!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)}). "
+                    "Add images or remove the folder from every split."
+                )
+        return classes
+
+    def _transform(self, train: bool) -> T.Compose:
+        normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        if train:
+            flip = [T.RandomHorizontalFlip()] if self.hflip else []
+            return T.Compose([T.RandomResizedCrop(self.image_size, scale=(self.min_scale, 1.0)), *flip, *normalize])
+        return T.Compose([T.Resize(round(self.image_size / 0.875)), T.CenterCrop(self.image_size), *normalize])
+
+    def _dataset(self, split: str, train: bool) -> ImageFolder:
+        classes = self._check_split(split)
+        train_classes = self._check_split("train")
+        if classes != train_classes:
+            only_train = sorted(set(train_classes) - set(classes))
+            only_here = sorted(set(classes) - set(train_classes))
+            raise DataError(
+                f"Split {split!r} and 'train' have different classes (only in train: {only_train or 'none'}; "
+                f"only in {split}: {only_here or 'none'}). Labels are folder indices, so every split needs the same class folders."
+            )
+        return ImageFolder(str(self.root / split), transform=self._transform(train), loader=load_rgb)
+
+    def setup(self, stage: str) -> None:
+        """Index the split folders (checked for layout and class agreement)."""
+        if stage == "fit":
+            self.datasets["train"] = self._dataset("train", train=True)
+        if stage in ("fit", "validate"):
+            self.datasets["val"] = self._dataset("val", train=False)
+        if stage == "test":
+            self.datasets["test"] = self._dataset("test", train=False)
+        if stage == "predict":
+            self.datasets["predict"] = self._dataset(self.predict_split, train=False)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (last partial batch dropped)."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches, in file order."""
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches, in file order."""
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of ``predict_split``, in file order (the prediction writer relies on it)."""
+        return self._loader("predict", shuffle=False)
+
+
+class DigitsDataModule(ImageFolderDataModule):
+    """The 1,797 real handwritten digits that ship inside scikit-learn, written once as PNG files.
+
+    Offline and real: ``prepare_data`` writes ``root/train/<digit>/*.png`` and ``root/val/<digit>/*.png``
+    with a fixed, seeded, stratified split; from then on this *is* an ImageFolderDataModule, so the
+    quickstart reads files exactly as a user's own data would be read. The 8x8 images are upscaled by
+    the transforms to ``image_size``.
+
+    Args:
+        root: where to write the PNG tree (reused if complete).
+        val_fraction: share of each digit class held out for validation.
+        seed: seed of the split.
+        **kwargs: the ImageFolderDataModule arguments.
+    """
+
+    def __init__(
+        self,
+        root: str | Path = "data/digits",
+        image_size: int = 32,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        min_scale: float = 0.6,
+        hflip: bool = False,
+        pin_memory: bool | None = None,
+        predict_split: str = "val",
+        val_fraction: float = 0.2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(root, image_size, batch_size, num_workers, min_scale, hflip, pin_memory, predict_split)
+        if not 0 < val_fraction < 1:
+            raise DataError(f"val_fraction={val_fraction!r} is invalid: expected a fraction in (0, 1), e.g. 0.2.")
+        self.val_fraction, self.seed = val_fraction, seed
+
+    @property
+    def num_classes(self) -> int:
+        """Ten digits, known before the files exist."""
+        return 10
+
+    def prepare_data(self) -> None:
+        """Write the PNG tree once (atomically: a half-written tree is never mistaken for a complete one)."""
+        if (self.root / ".complete").is_file():
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        generator = torch.Generator().manual_seed(self.seed)
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=self.root.parent))
+        for label in range(10):
+            indices = [i for i, t in enumerate(digits.target) if t == label]
+            order = torch.randperm(len(indices), generator=generator).tolist()
+            n_val = round(len(indices) * self.val_fraction)
+            for rank, position in enumerate(order):
+                index = indices[position]
+                split = "val" if rank < n_val else "train"
+                folder = tmp / split / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = (digits.images[index] * (255.0 / 16.0)).round().astype("uint8")
+                Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+        (tmp / ".complete").write_text(f"sklearn load_digits, val_fraction={self.val_fraction}, seed={self.seed}\n")
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        os.replace(tmp, self.root)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write ``file, predicted_class, probability`` rows to a CSV file after ``predict``.
+
+    Args:
+        output: the CSV path; under DDP each rank writes ``<stem>.rank<N>.csv``.
+    """
+
+    def __init__(self, output: str | Path = "predictions.csv") -> None:
+        super().__init__(write_interval="epoch")
+        self.output = Path(output)
+
+    def write_on_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        """Map each prediction back to its file through the dataset's sample list."""
+        loader = trainer.predict_dataloaders
+        dataset = (loader[0] if isinstance(loader, list) else loader).dataset
+        preds = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
+        path = self.output
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "predicted_class", "probability"])
+            for probs, batch_idx in zip(preds, indices):
+                confidence, label = probs.float().max(dim=-1)
+                for i, c, p in zip(batch_idx, label.tolist(), confidence.tolist()):
+                    file = dataset.samples[i][0] if hasattr(dataset, "samples") else str(i)
+                    name = dataset.classes[c] if hasattr(dataset, "classes") else str(c)
+                    writer.writerow([file, name, f"{p:.6f}"])
+        os.replace(tmp, path)
+        print(f"Predictions written to {path}")
