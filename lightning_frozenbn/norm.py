@@ -132,8 +132,25 @@ class FoldedConv2d(nn.Conv2d):
             self._cache_key = key
         return self._cache
 
+    def _fold_is_cheaper(self, x: Tensor) -> bool:
+        """For a trainable conv in full precision: fold only where the weight is smaller than the output.
+
+        Folding costs elementwise passes over the weight (``W * s`` and its backward); the unfolded
+        path costs passes over the output activation. Under autocast folding always wins (it keeps
+        the activation in bf16), and a frozen conv's fold is cached, so this rule only matters for
+        fp32 training of small inputs, where layer4's weights outweigh its activations (CPU, 64 px).
+        """
+        if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+            return True
+        out_elements = x.shape[0] * self.out_channels * (x.shape[-2] // self.stride[0]) * (x.shape[-1] // self.stride[1])
+        return self.weight.numel() <= out_elements
+
     def forward(self, input: Tensor) -> Tensor:
         """Convolve with the folded weight; the result equals ``bn(conv(input))``."""
+        if self.weight.requires_grad and torch.is_grad_enabled() and not self._fold_is_cheaper(input):
+            scale, shift = frozen_affine(self._folded_bn)
+            y = self._conv_forward(input, self.weight, self.bias)
+            return y * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
         weight, bias = self.folded_weight_and_bias(input)
         return self._conv_forward(input, weight, bias)
 

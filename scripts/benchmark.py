@@ -1,0 +1,423 @@
+"""Side-by-side benchmark of the frozen-BN recipe: ours (folded) vs the peers a user would pick instead.
+
+Everything runs in ONE process, interleaved round by round, and reports medians of many steps and
+ratios, so machine noise hits every variant alike. Prints tables and writes a JSON file.
+
+    python scripts/benchmark.py                       # CPU defaults: resnet50, batch 16, 64 px (< 5 min)
+    python scripts/benchmark.py --device cuda         # H100 recipe sizes: batch 256, 224 px, + torch.compile
+
+Sections: step time and peak memory per variant (fp32 and bf16 autocast; eager, and compiled on
+CUDA); bytes autograd saves for backward in one forward (deterministic: the memory figure that holds
+on a noisy CPU); Lightning ``Trainer.fit`` step vs a plain PyTorch loop; the FrozenModuleGuard's
+overhead; the ImageFolder input pipeline's images/s vs the model step's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from lightning_frozenbn import FrozenBNClassifier, FrozenModuleGuard, build_resnet
+from lightning_frozenbn.backbone import STAGES
+
+
+# ---- the peers, re-created in a few lines each --------------------------------------------------
+class Detectron2FrozenBN(FrozenBatchNorm2d):
+    """detectron2's FrozenBatchNorm2d: scale/bias cast to the input dtype; fused BN when no grad."""
+
+    def forward(self, x):
+        if x.requires_grad:
+            scale = self.weight * (self.running_var + self.eps).rsqrt()
+            bias = self.bias - self.running_mean * scale
+            return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + bias.reshape(1, -1, 1, 1).to(x.dtype)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, eps=self.eps)
+
+
+def _freeze_stages(resnet: nn.Module, freeze_at: int) -> None:
+    for stage in STAGES[:freeze_at]:
+        for name in stage:
+            getattr(resnet, name).requires_grad_(False)
+
+
+def make_variant(name: str, arch: str, freeze_at: int) -> tuple[nn.Module, bool]:
+    """Return (model, keep_bn_eval) for one variant; all share the same architecture and classifier."""
+    tv = getattr(torchvision.models, arch)
+    if name == "ours (folded)":
+        backbone, head = build_resnet(arch, None, "frozen", freeze_at, fold=True)
+        return nn.Sequential(backbone, head, nn.Linear(head.out_channels, 1000)), False
+    if name == "torchvision FrozenBN":
+        backbone, head = build_resnet(arch, None, "frozen", freeze_at, fold=False)
+        return nn.Sequential(backbone, head, nn.Linear(head.out_channels, 1000)), False
+    if name == "detectron2 FrozenBN":
+        model = tv(weights=None, norm_layer=Detectron2FrozenBN)
+    elif name == "mmdet norm_eval":
+        model = tv(weights=None)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.requires_grad_(False)
+        _freeze_stages(model, freeze_at)
+        return model, True
+    elif name == "BatchNorm2d train":
+        model = tv(weights=None)
+    else:
+        raise ValueError(name)
+    _freeze_stages(model, freeze_at)
+    return model, False
+
+
+VARIANTS = ["ours (folded)", "torchvision FrozenBN", "detectron2 FrozenBN", "mmdet norm_eval", "BatchNorm2d train"]
+
+
+class Runner:
+    """One variant: model, optimizer, a compiled or eager step, per-step timings and peak memory."""
+
+    def __init__(self, name, args, device, precision, compiled):
+        self.name, self.device, self.precision, self.compiled = name, device, precision, compiled
+        self.model, self.keep_eval = make_variant(name, args.arch, 2)
+        self.model.to(device)
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+        if self.keep_eval:
+            for m in self.model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        self.forward = torch.compile(self.model) if compiled else self.model
+        self.times: list[float] = []
+        self.peak_bytes = 0
+
+    def step(self, x, y):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            loss = F.cross_entropy(self.forward(x), y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def timed_steps(self, x, y, n):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        if self.device.type == "cuda":
+            sync()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
+            self.step(x, y)
+            sync()
+            self.times.append(time.perf_counter() - t0)
+        if self.device.type == "cuda":
+            static = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+            static += sum(v.numel() * v.element_size() for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v))
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated() - base + static)
+
+
+def bench_steps(args, device, x, y, precision, compiled, variants):
+    runners = [Runner(v, args, device, precision, compiled) for v in variants]
+    for r in runners:  # warm-up (and compilation)
+        for _ in range(args.warmup):
+            r.step(x, y)
+    for _ in range(args.rounds):
+        for r in runners:
+            r.timed_steps(x, y, args.steps)
+    rows = []
+    ours = statistics.median(runners[0].times)
+    for r in runners:
+        med = statistics.median(r.times)
+        rows.append({
+            "variant": r.name, "precision": precision, "compiled": compiled,
+            "ms_per_step": med * 1e3, "img_per_s": x.shape[0] / med,
+            "peak_gib": r.peak_bytes / 2**30 if device.type == "cuda" else None,
+            "ours_over_this": ours / med, "steps": len(r.times),
+        })
+    del runners
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def saved_bytes(args, device, variants):
+    """Bytes of distinct storages autograd saves for backward in one forward pass."""
+    rows = []
+    x = torch.randn(args.saved_batch, 3, args.saved_size, args.saved_size, device=device)
+    for precision in ("fp32", "bf16"):
+        for name in variants:
+            model, keep_eval = make_variant(name, args.arch, 2)
+            model.to(device).train()
+            if keep_eval:
+                for m in model.modules():
+                    if isinstance(m, nn.BatchNorm2d):
+                        m.eval()
+            seen: dict[int, int] = {}
+
+            def pack(t, seen=seen):
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    out = model(x)
+            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            total = sum(seen.values())
+            no_params = sum(n for ptr, n in seen.items() if ptr not in params)
+            rows.append({"variant": name, "precision": precision, "saved_mib": total / 2**20,
+                         "saved_mib_excl_params": no_params / 2**20, "output_dtype": str(out.dtype)})
+    return rows
+
+
+class _StepClock:
+    """Lightning callback recording the wall time between consecutive training batches."""
+
+    def __init__(self):
+        from lightning.pytorch import Callback
+
+        clock = self
+
+        class _Cb(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.strategy.root_device.type == "cuda":
+                    torch.cuda.synchronize()
+                clock.t0 = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.strategy.root_device.type == "cuda":
+                    torch.cuda.synchronize()
+                if batch_idx >= 1 or trainer.max_steps <= 2:
+                    clock.steps.append(time.perf_counter() - clock.t0)
+
+            def on_train_epoch_start(self, trainer, pl_module):
+                clock.e0 = time.perf_counter()
+
+            def on_train_epoch_end(self, trainer, pl_module):
+                if trainer.strategy.root_device.type == "cuda":
+                    torch.cuda.synchronize()
+                clock.epochs.append(time.perf_counter() - clock.e0)
+
+        self.callback, self.steps, self.epochs, self.t0, self.e0 = _Cb(), [], [], 0.0, 0.0
+
+
+def lightning_vs_plain(args, device, x, y):
+    """Per-step median: Trainer.fit vs a hand-written loop, same model, same batches, interleaved."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = FrozenBNClassifier(num_classes=1000, arch=args.arch, check_finite=False, channels_last=args.channels_last)
+    model.configure_optimizers = lambda: torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=x.shape[0])
+    data = [(x, y)] * args.steps
+    precision = "bf16-mixed" if args.fit_precision == "bf16" else "32-true"
+    clock = _StepClock()
+    plain_steps: list[float] = []
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.rounds):
+        trainer = Trainer(
+            accelerator=device.type if device.type == "cuda" else "cpu", devices=1, precision=precision,
+            max_steps=args.steps + 1, limit_train_batches=args.steps + 1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[clock.callback], num_sanity_val_steps=0,
+        )
+        trainer.fit(model, DataLoader(TensorDataset(x.cpu().repeat(args.steps + 1, 1, 1, 1), y.cpu().repeat(args.steps + 1)), batch_size=x.shape[0]))
+        model.to(device).train()
+        for i, (xb, yb) in enumerate(data):
+            sync()
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.fit_precision == "bf16"):
+                loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sync()
+            if i >= 1 or args.steps == 1:
+                plain_steps.append(time.perf_counter() - t0)
+    del loader
+    lightning = statistics.median(clock.steps)
+    plain = statistics.median(plain_steps)
+    return {"lightning_ms": lightning * 1e3, "plain_ms": plain * 1e3, "ratio": lightning / plain, "steps": len(clock.steps)}
+
+
+def guard_overhead(args, device, x, y):
+    """Epoch time with vs without the guard (interleaved), and the guard's own hook time per epoch."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(x.cpu().repeat(args.steps, 1, 1, 1), y.cpu().repeat(args.steps)), batch_size=x.shape[0])
+    precision = "bf16-mixed" if args.fit_precision == "bf16" else "32-true"
+    model = FrozenBNClassifier(num_classes=1000, arch=args.arch, check_finite=False, channels_last=args.channels_last)
+    with_guard, without, hook_time = [], [], []
+    for _ in range(args.rounds):
+        for use_guard in (True, False):
+            clock = _StepClock()
+            guard = FrozenModuleGuard()
+            spent = [0.0]
+            for hook in ("on_train_batch_start", "on_train_epoch_start", "on_train_epoch_end"):
+                original = getattr(guard, hook)
+
+                def timed(*a, _original=original, **k):
+                    t0 = time.perf_counter()
+                    _original(*a, **k)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    spent[0] += time.perf_counter() - t0
+
+                setattr(guard, hook, timed)
+            callbacks = [clock.callback, guard] if use_guard else [clock.callback]
+            Trainer(
+                accelerator=device.type if device.type == "cuda" else "cpu", devices=1, precision=precision,
+                max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+            ).fit(model, loader)
+            (with_guard if use_guard else without).extend(clock.epochs[1:])
+            if use_guard:
+                hook_time.append(spent[0] / 2)
+    epoch = statistics.median(without)
+    return {
+        "epoch_s_with_guard": statistics.median(with_guard), "epoch_s_without": epoch,
+        "epoch_ratio": statistics.median(with_guard) / epoch,
+        "guard_hook_s_per_epoch": statistics.median(hook_time),
+        "guard_hook_fraction_of_epoch": statistics.median(hook_time) / epoch,
+        "steps_per_epoch": args.steps,
+    }
+
+
+def data_pipeline(args, device, step_img_s):
+    """Images/s of the ImageFolder pipeline (JPEG decode + train transforms, workers) vs the model step."""
+    from PIL import Image
+
+    from lightning_frozenbn import ImageFolderDataModule
+
+    with tempfile.TemporaryDirectory() as tmp:
+        g = torch.Generator().manual_seed(0)
+        side = max(args.image_size * 8 // 7, 64)
+        for split in ("train", "val"):
+            for c in range(4):
+                folder = Path(tmp) / split / f"class{c}"
+                folder.mkdir(parents=True)
+                for i in range(args.data_images // 4 if split == "train" else 1):
+                    base = torch.rand(3, 8, 8, generator=g)
+                    img = F.interpolate(base[None], size=(side, side), mode="bilinear")[0]
+                    img = (img + 0.05 * torch.randn(3, side, side, generator=g)).clamp(0, 1)
+                    Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).save(folder / f"{i}.jpg", quality=90)
+        dm = ImageFolderDataModule(tmp, image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        it = iter(loader)
+        next(it)  # start the workers
+        t0, n = time.perf_counter(), 0
+        for xb, _ in it:
+            n += xb.shape[0]
+        elapsed = time.perf_counter() - t0
+    rate = n / elapsed
+    return {"pipeline_img_per_s": rate, "model_step_img_per_s": step_img_s, "workers": args.workers,
+            "limit": "input pipeline" if rate < step_img_s else "model step", "images": n}
+
+
+def fmt_table(rows, cols):
+    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return "-" if v is None else str(v)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--steps", type=int, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds")
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="also time torch.compile (default: on for cuda)")
+    parser.add_argument("--sections", default="steps,saved,lightning,guard,data")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--fit-precision", choices=["fp32", "bf16"])
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--output", default="benchmark.json")
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA device is visible; use --device cpu.")
+    defaults = dict(batch_size=256 if gpu else 16, image_size=224 if gpu else 64, steps=10 if gpu else 3,
+                    rounds=3 if gpu else 5, warmup=5 if gpu else 2, compile=gpu, fit_precision="bf16" if gpu else "fp32",
+                    workers=8 if gpu else 2)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.channels_last = gpu
+    args.saved_batch, args.saved_size = 8, 64
+    args.data_images = 1024 if gpu else 128
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    sections = args.sections.split(",")
+    name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    result = {"device": name, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}}
+    print(f"# {name}, torch {torch.__version__}, {args.arch}, batch {args.batch_size}, {args.image_size} px, freeze_at=2")
+    if "steps" in sections:
+        rows = []
+        for precision in args.precisions.split(","):
+            rows += bench_steps(args, device, x, y, precision, False, VARIANTS)
+        result["steps"] = rows
+        print("\n## Step time (median of interleaved steps) and peak memory; ours_over_this < 1 means ours is faster")
+        print(fmt_table(rows, ["variant", "precision", "compiled", "ms_per_step", "img_per_s", "peak_gib", "ours_over_this", "steps"]))
+    if "saved" in sections:
+        rows = saved_bytes(args, device, VARIANTS)
+        for row in rows:
+            ref = next(r for r in rows if r["variant"] == "torchvision FrozenBN" and r["precision"] == row["precision"])
+            row["vs_torchvision"] = row["saved_mib"] / ref["saved_mib"]
+        result["saved"] = rows
+        print(f"\n## Bytes saved for backward in one forward (batch {args.saved_batch}, {args.saved_size} px; deterministic)")
+        print("(saved_mib counts every distinct storage, parameters included, as reference-figures.md does)")
+        print(fmt_table(rows, ["variant", "precision", "saved_mib", "vs_torchvision", "saved_mib_excl_params", "output_dtype"]))
+    step_rate = next((r["img_per_s"] for r in result.get("steps", []) if r["variant"] == "ours (folded)" and r["precision"] == args.fit_precision and not r["compiled"]), None)
+    if "lightning" in sections:
+        result["lightning"] = lightning_vs_plain(args, device, x, y)
+        print("\n## Lightning Trainer.fit step vs plain PyTorch loop (ours, median per step)")
+        print(fmt_table([result["lightning"]], ["lightning_ms", "plain_ms", "ratio", "steps"]))
+    if "guard" in sections:
+        result["guard"] = guard_overhead(args, device, x, y)
+        print("\n## FrozenModuleGuard overhead (epoch time with/without, and the guard hooks' own time)")
+        print(fmt_table([result["guard"]], ["epoch_s_with_guard", "epoch_s_without", "epoch_ratio", "guard_hook_s_per_epoch", "guard_hook_fraction_of_epoch", "steps_per_epoch"]))
+    if "data" in sections:
+        result["data"] = data_pipeline(args, device, step_rate or float("nan"))
+        print("\n## Input pipeline (ImageFolder: JPEG decode + train transforms) vs model step")
+        print(fmt_table([result["data"]], ["pipeline_img_per_s", "model_step_img_per_s", "workers", "limit", "images"]))
+    if "steps" in sections and args.compile:  # last: compilation takes minutes
+        compiled = bench_steps(args, device, x, y, "bf16", True, VARIANTS[:4])
+        result["steps"] += compiled
+        print("\n## torch.compile, bf16 (median of interleaved steps)")
+        print(fmt_table(compiled, ["variant", "precision", "compiled", "ms_per_step", "img_per_s", "peak_gib", "ours_over_this", "steps"]))
+    Path(args.output).write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
