@@ -42,7 +42,12 @@ NORMS = ("frozen", "eval", "train", "sync")
 Norm = Literal["frozen", "eval", "train", "sync"]
 # detectron2's freeze_at: stage k (1-based) is frozen when k <= freeze_at.
 STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
-_NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "eval": StatsFrozenBatchNorm2d, "train": nn.BatchNorm2d, "sync": nn.BatchNorm2d}
+_NORM_LAYERS = {
+    "frozen": FrozenBatchNorm2d,
+    "eval": StatsFrozenBatchNorm2d,
+    "train": nn.BatchNorm2d,
+    "sync": nn.BatchNorm2d,
+}
 
 
 class WeightsMismatchError(ValueError):
@@ -111,7 +116,8 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
     except pickle.UnpicklingError as err:
         detail = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), "")
         raise ValueError(
-            f"Refused to load {str(path)!r}: torch.load(weights_only=True) rejected it ({detail or 'unpickling error'}). "
+            f"Refused to load {str(path)!r}: torch.load(weights_only=True) rejected it "
+            f"({detail or 'unpickling error'}). "
             "Either the file is corrupt, or it holds Python objects other than tensors, whose loading "
             "could run code. Re-save only the weights with torch.save(model.state_dict(), path) from a "
             "source you trust."
@@ -124,9 +130,7 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         state = obj["state_dict"]
         if any(k.startswith(("backbone.", "head.")) for k in state):
-            return {
-                k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(("backbone.", "head."))
-            }
+            return {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(("backbone.", "head."))}
         obj = state
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(

@@ -117,7 +117,11 @@ class FrozenBNCLI(LightningCLI):
         lines = []
         if ckpt is not None and ckpt.best_model_path:
             score = ckpt.best_model_score
-            lines.append(f"best checkpoint: {ckpt.best_model_path} ({ckpt.monitor}={float(score):.4f})" if score is not None else f"best checkpoint: {ckpt.best_model_path}")
+            lines.append(
+                f"best checkpoint: {ckpt.best_model_path} ({ckpt.monitor}={float(score):.4f})"
+                if score is not None
+                else f"best checkpoint: {ckpt.best_model_path}"
+            )
         if ckpt is not None and ckpt.last_model_path:
             lines.append(f"last checkpoint: {ckpt.last_model_path}")
         for logger in self.trainer.loggers:

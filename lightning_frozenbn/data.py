@@ -105,14 +105,19 @@ class ImageFolderDataModule(pl.LightningDataModule):
             )
         split_dir = self.root / split
         if not split_dir.is_dir():
-            raise DataError(f"Split folder {str(split_dir)!r} is missing: expected {split}/<class>/ under {str(self.root)!r}.")
+            raise DataError(
+                f"Split folder {str(split_dir)!r} is missing: expected {split}/<class>/ under {str(self.root)!r}."
+            )
         classes = _class_dirs(split_dir)
         if not classes:
-            raise DataError(f"{str(split_dir)!r} has no class folders: put each class's images in {split}/<class name>/.")
+            raise DataError(
+                f"{str(split_dir)!r} has no class folders: put each class's images in {split}/<class name>/."
+            )
         for name in classes:
             if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (split_dir / name).iterdir() if f.is_file()):
                 raise DataError(
-                    f"Class folder {str(split_dir / name)!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)}). "
+                    f"Class folder {str(split_dir / name)!r} holds no images "
+                    f"(extensions: {', '.join(IMG_EXTENSIONS)}). "
                     "Add images or remove the folder from every split."
                 )
         return classes
@@ -132,7 +137,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
             only_here = sorted(set(classes) - set(train_classes))
             raise DataError(
                 f"Split {split!r} and 'train' have different classes (only in train: {only_train or 'none'}; "
-                f"only in {split}: {only_here or 'none'}). Labels are folder indices, so every split needs the same class folders."
+                f"only in {split}: {only_here or 'none'}). Labels are folder indices, so every split needs "
+                "the same class folders."
             )
         return ImageFolder(str(self.root / split), transform=self._transform(train), loader=load_rgb)
 

@@ -1,9 +1,4 @@
-r"""Frozen Module Guard
-^^^^^^^^^^^^^^^^^^^
-
-Keep frozen modules in eval mode and prove, after every training epoch, that they did not change.
-
-"""
+"""Frozen Module Guard: keep frozen modules in eval mode and prove every epoch that they did not change."""
 
 from __future__ import annotations
 
@@ -290,7 +285,9 @@ class FrozenModuleGuard(Callback):
 
     def _compare_with_checkpoint(self) -> list[str]:
         loaded = self._loaded_checksums or {}
-        problems = [f"{n}: in the checkpoint's frozen reference but no longer frozen" for n in loaded if n not in self._tensors]
+        problems = [
+            f"{n}: in the checkpoint's frozen reference but no longer frozen" for n in loaded if n not in self._tensors
+        ]
         names = [n for n in self._tensors if n in loaded]
         sums = fingerprint([self._tensors[n] for n in names]).tolist()
         problems += [
@@ -305,7 +302,9 @@ class FrozenModuleGuard(Callback):
         for name, live in self._tensors.items():
             ref = self._reference[name]
             if live.shape != ref.shape or live.dtype != ref.dtype:
-                lines.append(f"{name}: shape/dtype changed {tuple(ref.shape)} {ref.dtype} -> {tuple(live.shape)} {live.dtype}")
+                lines.append(
+                    f"{name}: shape/dtype changed {tuple(ref.shape)} {ref.dtype} -> {tuple(live.shape)} {live.dtype}"
+                )
             elif not torch.equal(_bits(live), _bits(ref)):
                 changed = (_bits(live) != _bits(ref)).sum().item()
                 diff = (live.detach().double() - ref.double()).abs().nan_to_num(nan=float("inf")).max().item()
@@ -328,7 +327,9 @@ class FrozenModuleGuard(Callback):
                 rows = (gathered[r] != gathered[0]).any(dim=-1).nonzero().flatten().tolist()
                 if rows:
                     shown = ", ".join(names[i] for i in rows[:5]) + (" ..." if len(rows) > 5 else "")
-                    diverged.append(f"rank {r} holds a different frozen state than rank 0 in {len(rows)} tensors: {shown}")
+                    diverged.append(
+                        f"rank {r} holds a different frozen state than rank 0 in {len(rows)} tensors: {shown}"
+                    )
         if trainer.strategy.reduce_boolean_decision(not local, all=True) and not diverged:
             if "epoch" in when:
                 self._epochs_verified += 1
@@ -340,7 +341,9 @@ class FrozenModuleGuard(Callback):
             gathered_reports: list[Any] = [None] * world
             dist.all_gather_object(gathered_reports, (rank, local))
             reports = gathered_reports
-        lines = [f"  rank {r}: {line}" for r, rank_lines in reports for line in rank_lines] + [f"  {d}" for d in diverged]
+        lines = [f"  rank {r}: {line}" for r, rank_lines in reports for line in rank_lines] + [
+            f"  {d}" for d in diverged
+        ]
         message = f"FrozenModuleGuard: the frozen state changed at {when}:\n" + "\n".join(lines)
         if self.on_violation == "raise":
             raise FrozenStateViolation(
@@ -370,9 +373,13 @@ class FrozenModuleGuard(Callback):
             n_params = sum(p.numel() for p in module.parameters())
             n_buffers = sum(b.numel() for b in module.buffers())
             mode = "eval" if not module.training else "train"
-            rows.append(f"  {name or '<root>':<32} {type(module).__name__:<24} {n_params:>11,} {n_buffers:>10,}  {mode}")
+            rows.append(
+                f"  {name or '<root>':<32} {type(module).__name__:<24} {n_params:>11,} {n_buffers:>10,}  {mode}"
+            )
         stats_frozen = sum(isinstance(m, StatsFrozenBatchNorm2d) for m in trainer.lightning_module.modules())
-        extra = f"\n  + running stats of {stats_frozen} StatsFrozenBatchNorm2d layers (norm='eval')" if stats_frozen else ""
+        extra = (
+            f"\n  + running stats of {stats_frozen} StatsFrozenBatchNorm2d layers (norm='eval')" if stats_frozen else ""
+        )
         rank_zero_info(
             f"FrozenModuleGuard: guarding {len(self._tensors)} frozen tensors in {len(self._frozen)} modules; "
             f"put them in eval mode at train start (Lightning's eval-mode warning does not apply to these).\n"

@@ -206,7 +206,9 @@ class FrozenBNClassifier(pl.LightningModule):
             scheduler = self.scheduler_factory(optimizer)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        cosine = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
     # ---- export -----------------------------------------------------------------------------
@@ -219,7 +221,10 @@ class FrozenBNClassifier(pl.LightningModule):
         trunk = to_batchnorm(copy.deepcopy(nn.ModuleDict({"b": self.backbone, "h": self.head})).cpu().float())
         state = {**trunk["b"].state_dict(), **trunk["h"].state_dict()}
         state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
-        state["fc.weight"], state["fc.bias"] = self.classifier.weight.detach().cpu(), self.classifier.bias.detach().cpu()
+        state["fc.weight"], state["fc.bias"] = (
+            self.classifier.weight.detach().cpu(),
+            self.classifier.bias.detach().cpu(),
+        )
         model = getattr(torchvision.models, self.hparams.arch)(num_classes=self.hparams.num_classes)
         model.load_state_dict(state)
         return model.eval()

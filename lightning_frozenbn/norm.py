@@ -35,9 +35,7 @@ class StatsFrozenBatchNorm2d(nn.BatchNorm2d):
     def forward(self, input: Tensor) -> Tensor:
         """Normalise ``input`` with the running statistics and the (trainable) affine map."""
         self._check_input_dim(input)
-        return F.batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-        )
+        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 def frozen_affine(bn: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -142,7 +140,9 @@ class FoldedConv2d(nn.Conv2d):
         """
         if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
             return True
-        out_elements = x.shape[0] * self.out_channels * (x.shape[-2] // self.stride[0]) * (x.shape[-1] // self.stride[1])
+        out_elements = (
+            x.shape[0] * self.out_channels * (x.shape[-2] // self.stride[0]) * (x.shape[-1] // self.stride[1])
+        )
         return self.weight.numel() <= out_elements
 
     def forward(self, input: Tensor) -> Tensor:
@@ -160,6 +160,7 @@ class FoldedConv2d(nn.Conv2d):
         return state
 
     def extra_repr(self) -> str:
+        """Conv2d's repr, marked as folded."""
         return super().extra_repr() + ", folded with frozen BN"
 
 

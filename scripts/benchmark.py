@@ -121,7 +121,9 @@ class Runner:
             self.times.append(time.perf_counter() - t0)
         if self.device.type == "cuda":
             static = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
-            static += sum(v.numel() * v.element_size() for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v))
+            static += sum(
+                v.numel() * v.element_size() for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v)
+            )
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated() - base + static)
 
 
@@ -137,12 +139,18 @@ def bench_steps(args, device, x, y, precision, compiled, variants):
     ours = statistics.median(runners[0].times)
     for r in runners:
         med = statistics.median(r.times)
-        rows.append({
-            "variant": r.name, "precision": precision, "compiled": compiled,
-            "ms_per_step": med * 1e3, "img_per_s": x.shape[0] / med,
-            "peak_gib": r.peak_bytes / 2**30 if device.type == "cuda" else None,
-            "ours_over_this": ours / med, "steps": len(r.times),
-        })
+        rows.append(
+            {
+                "variant": r.name,
+                "precision": precision,
+                "compiled": compiled,
+                "ms_per_step": med * 1e3,
+                "img_per_s": x.shape[0] / med,
+                "peak_gib": r.peak_bytes / 2**30 if device.type == "cuda" else None,
+                "ours_over_this": ours / med,
+                "steps": len(r.times),
+            }
+        )
     del runners
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -174,8 +182,15 @@ def saved_bytes(args, device, variants):
             params = {p.untyped_storage().data_ptr() for p in model.parameters()}
             total = sum(seen.values())
             no_params = sum(n for ptr, n in seen.items() if ptr not in params)
-            rows.append({"variant": name, "precision": precision, "saved_mib": total / 2**20,
-                         "saved_mib_excl_params": no_params / 2**20, "output_dtype": str(out.dtype)})
+            rows.append(
+                {
+                    "variant": name,
+                    "precision": precision,
+                    "saved_mib": total / 2**20,
+                    "saved_mib_excl_params": no_params / 2**20,
+                    "output_dtype": str(out.dtype),
+                }
+            )
     return rows
 
 
@@ -216,7 +231,9 @@ def lightning_vs_plain(args, device, x, y):
     from torch.utils.data import DataLoader, TensorDataset
 
     model = FrozenBNClassifier(num_classes=1000, arch=args.arch, check_finite=False, channels_last=args.channels_last)
-    model.configure_optimizers = lambda: torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    model.configure_optimizers = lambda: torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9
+    )
     loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=x.shape[0])
     data = [(x, y)] * args.steps
     precision = "bf16-mixed" if args.fit_precision == "bf16" else "32-true"
@@ -226,11 +243,25 @@ def lightning_vs_plain(args, device, x, y):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.rounds):
         trainer = Trainer(
-            accelerator=device.type if device.type == "cuda" else "cpu", devices=1, precision=precision,
-            max_steps=args.steps + 1, limit_train_batches=args.steps + 1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=[clock.callback], num_sanity_val_steps=0,
+            accelerator=device.type if device.type == "cuda" else "cpu",
+            devices=1,
+            precision=precision,
+            max_steps=args.steps + 1,
+            limit_train_batches=args.steps + 1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[clock.callback],
+            num_sanity_val_steps=0,
         )
-        trainer.fit(model, DataLoader(TensorDataset(x.cpu().repeat(args.steps + 1, 1, 1, 1), y.cpu().repeat(args.steps + 1)), batch_size=x.shape[0]))
+        trainer.fit(
+            model,
+            DataLoader(
+                TensorDataset(x.cpu().repeat(args.steps + 1, 1, 1, 1), y.cpu().repeat(args.steps + 1)),
+                batch_size=x.shape[0],
+            ),
+        )
         model.to(device).train()
         for i, (xb, yb) in enumerate(data):
             sync()
@@ -246,7 +277,12 @@ def lightning_vs_plain(args, device, x, y):
     del loader
     lightning = statistics.median(clock.steps)
     plain = statistics.median(plain_steps)
-    return {"lightning_ms": lightning * 1e3, "plain_ms": plain * 1e3, "ratio": lightning / plain, "steps": len(clock.steps)}
+    return {
+        "lightning_ms": lightning * 1e3,
+        "plain_ms": plain * 1e3,
+        "ratio": lightning / plain,
+        "steps": len(clock.steps),
+    }
 
 
 def guard_overhead(args, device, x, y):
@@ -254,7 +290,9 @@ def guard_overhead(args, device, x, y):
     from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader, TensorDataset
 
-    loader = DataLoader(TensorDataset(x.cpu().repeat(args.steps, 1, 1, 1), y.cpu().repeat(args.steps)), batch_size=x.shape[0])
+    loader = DataLoader(
+        TensorDataset(x.cpu().repeat(args.steps, 1, 1, 1), y.cpu().repeat(args.steps)), batch_size=x.shape[0]
+    )
     precision = "bf16-mixed" if args.fit_precision == "bf16" else "32-true"
     model = FrozenBNClassifier(num_classes=1000, arch=args.arch, check_finite=False, channels_last=args.channels_last)
     with_guard, without, hook_time = [], [], []
@@ -266,7 +304,7 @@ def guard_overhead(args, device, x, y):
             for hook in ("on_train_batch_start", "on_train_epoch_start", "on_train_epoch_end"):
                 original = getattr(guard, hook)
 
-                def timed(*a, _original=original, **k):
+                def timed(*a, _original=original, spent=spent, **k):
                     t0 = time.perf_counter()
                     _original(*a, **k)
                     if device.type == "cuda":
@@ -276,16 +314,24 @@ def guard_overhead(args, device, x, y):
                 setattr(guard, hook, timed)
             callbacks = [clock.callback, guard] if use_guard else [clock.callback]
             Trainer(
-                accelerator=device.type if device.type == "cuda" else "cpu", devices=1, precision=precision,
-                max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+                accelerator=device.type if device.type == "cuda" else "cpu",
+                devices=1,
+                precision=precision,
+                max_epochs=2,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=callbacks,
+                num_sanity_val_steps=0,
             ).fit(model, loader)
             (with_guard if use_guard else without).extend(clock.epochs[1:])
             if use_guard:
                 hook_time.append(spent[0] / 2)
     epoch = statistics.median(without)
     return {
-        "epoch_s_with_guard": statistics.median(with_guard), "epoch_s_without": epoch,
+        "epoch_s_with_guard": statistics.median(with_guard),
+        "epoch_s_without": epoch,
         "epoch_ratio": statistics.median(with_guard) / epoch,
         "guard_hook_s_per_epoch": statistics.median(hook_time),
         "guard_hook_fraction_of_epoch": statistics.median(hook_time) / epoch,
@@ -311,7 +357,9 @@ def data_pipeline(args, device, step_img_s):
                     img = F.interpolate(base[None], size=(side, side), mode="bilinear")[0]
                     img = (img + 0.05 * torch.randn(3, side, side, generator=g)).clamp(0, 1)
                     Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).save(folder / f"{i}.jpg", quality=90)
-        dm = ImageFolderDataModule(tmp, image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers)
+        dm = ImageFolderDataModule(
+            tmp, image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers
+        )
         dm.setup("fit")
         loader = dm.train_dataloader()
         it = iter(loader)
@@ -321,8 +369,13 @@ def data_pipeline(args, device, step_img_s):
             n += xb.shape[0]
         elapsed = time.perf_counter() - t0
     rate = n / elapsed
-    return {"pipeline_img_per_s": rate, "model_step_img_per_s": step_img_s, "workers": args.workers,
-            "limit": "input pipeline" if rate < step_img_s else "model step", "images": n}
+    return {
+        "pipeline_img_per_s": rate,
+        "model_step_img_per_s": step_img_s,
+        "workers": args.workers,
+        "limit": "input pipeline" if rate < step_img_s else "model step",
+        "images": n,
+    }
 
 
 def fmt_table(rows, cols):
@@ -347,7 +400,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, help="interleaved rounds")
     parser.add_argument("--warmup", type=int)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="also time torch.compile (default: on for cuda)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torch.compile (default: on for cuda)",
+    )
     parser.add_argument("--sections", default="steps,saved,lightning,guard,data")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--fit-precision", choices=["fp32", "bf16"])
@@ -357,9 +415,16 @@ def main(argv=None):
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA device is visible; use --device cpu.")
-    defaults = dict(batch_size=256 if gpu else 16, image_size=224 if gpu else 64, steps=10 if gpu else 3,
-                    rounds=3 if gpu else 5, warmup=5 if gpu else 2, compile=gpu, fit_precision="bf16" if gpu else "fp32",
-                    workers=8 if gpu else 2)
+    defaults = dict(
+        batch_size=256 if gpu else 16,
+        image_size=224 if gpu else 64,
+        steps=10 if gpu else 3,
+        rounds=3 if gpu else 5,
+        warmup=5 if gpu else 2,
+        compile=gpu,
+        fit_precision="bf16" if gpu else "fp32",
+        workers=8 if gpu else 2,
+    )
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -379,24 +444,44 @@ def main(argv=None):
     sections = args.sections.split(",")
     name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     result = {"device": name, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}}
-    print(f"# {name}, torch {torch.__version__}, {args.arch}, batch {args.batch_size}, {args.image_size} px, freeze_at=2")
+    print(
+        f"# {name}, torch {torch.__version__}, {args.arch}, batch {args.batch_size}, {args.image_size} px, freeze_at=2"
+    )
     if "steps" in sections:
         rows = []
         for precision in args.precisions.split(","):
             rows += bench_steps(args, device, x, y, precision, False, VARIANTS)
         result["steps"] = rows
         print("\n## Step time (median of interleaved steps) and peak memory; ours_over_this < 1 means ours is faster")
-        print(fmt_table(rows, ["variant", "precision", "compiled", "ms_per_step", "img_per_s", "peak_gib", "ours_over_this", "steps"]))
+        print(
+            fmt_table(
+                rows,
+                ["variant", "precision", "compiled", "ms_per_step", "img_per_s", "peak_gib", "ours_over_this", "steps"],
+            )
+        )
     if "saved" in sections:
         rows = saved_bytes(args, device, VARIANTS)
         for row in rows:
             ref = next(r for r in rows if r["variant"] == "torchvision FrozenBN" and r["precision"] == row["precision"])
             row["vs_torchvision"] = row["saved_mib"] / ref["saved_mib"]
         result["saved"] = rows
-        print(f"\n## Bytes saved for backward in one forward (batch {args.saved_batch}, {args.saved_size} px; deterministic)")
+        print(
+            f"\n## Bytes saved for backward in one forward (batch {args.saved_batch}, {args.saved_size} px; deterministic)"
+        )
         print("(saved_mib counts every distinct storage, parameters included, as reference-figures.md does)")
-        print(fmt_table(rows, ["variant", "precision", "saved_mib", "vs_torchvision", "saved_mib_excl_params", "output_dtype"]))
-    step_rate = next((r["img_per_s"] for r in result.get("steps", []) if r["variant"] == "ours (folded)" and r["precision"] == args.fit_precision and not r["compiled"]), None)
+        print(
+            fmt_table(
+                rows, ["variant", "precision", "saved_mib", "vs_torchvision", "saved_mib_excl_params", "output_dtype"]
+            )
+        )
+    step_rate = next(
+        (
+            r["img_per_s"]
+            for r in result.get("steps", [])
+            if r["variant"] == "ours (folded)" and r["precision"] == args.fit_precision and not r["compiled"]
+        ),
+        None,
+    )
     if "lightning" in sections:
         result["lightning"] = lightning_vs_plain(args, device, x, y)
         print("\n## Lightning Trainer.fit step vs plain PyTorch loop (ours, median per step)")
@@ -404,7 +489,19 @@ def main(argv=None):
     if "guard" in sections:
         result["guard"] = guard_overhead(args, device, x, y)
         print("\n## FrozenModuleGuard overhead (epoch time with/without, and the guard hooks' own time)")
-        print(fmt_table([result["guard"]], ["epoch_s_with_guard", "epoch_s_without", "epoch_ratio", "guard_hook_s_per_epoch", "guard_hook_fraction_of_epoch", "steps_per_epoch"]))
+        print(
+            fmt_table(
+                [result["guard"]],
+                [
+                    "epoch_s_with_guard",
+                    "epoch_s_without",
+                    "epoch_ratio",
+                    "guard_hook_s_per_epoch",
+                    "guard_hook_fraction_of_epoch",
+                    "steps_per_epoch",
+                ],
+            )
+        )
     if "data" in sections:
         result["data"] = data_pipeline(args, device, step_rate or float("nan"))
         print("\n## Input pipeline (ImageFolder: JPEG decode + train transforms) vs model step")
@@ -413,7 +510,12 @@ def main(argv=None):
         compiled = bench_steps(args, device, x, y, "bf16", True, VARIANTS[:4])
         result["steps"] += compiled
         print("\n## torch.compile, bf16 (median of interleaved steps)")
-        print(fmt_table(compiled, ["variant", "precision", "compiled", "ms_per_step", "img_per_s", "peak_gib", "ours_over_this", "steps"]))
+        print(
+            fmt_table(
+                compiled,
+                ["variant", "precision", "compiled", "ms_per_step", "img_per_s", "peak_gib", "ours_over_this", "steps"],
+            )
+        )
     Path(args.output).write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwrote {args.output}")
 

@@ -121,7 +121,9 @@ def test_wrong_arch_lists_missing_and_unexpected_keys(tmp_path):
     with pytest.raises(WeightsMismatchError, match=r"do not fit arch='resnet50': 165 missing: layer1.0.conv3.weight"):
         build_resnet("resnet50", weights=str(tmp_path / "r18.pth"))
     torch.save(plain_model("resnet50").state_dict(), tmp_path / "r50.pth")
-    with pytest.raises(WeightsMismatchError, match=r"do not fit arch='resnet18': \d+ unexpected: layer1.0.conv3.weight"):
+    with pytest.raises(
+        WeightsMismatchError, match=r"do not fit arch='resnet18': \d+ unexpected: layer1.0.conv3.weight"
+    ):
         build_resnet("resnet18", weights=str(tmp_path / "r50.pth"))
     with pytest.raises(WeightsMismatchError, match=r"wrong shape: .*\(file .*, model .*\)"):
         build_resnet("resnext50_32x4d", weights=str(tmp_path / "r50.pth"))

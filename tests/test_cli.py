@@ -16,12 +16,31 @@ OVERLAYS = {"ddp.yaml", "multinode.yaml"}
 
 def cli(*args, cwd, timeout=300):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "lightning_frozenbn", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_frozenbn", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_parses(config, capsys):
-    args = ["fit", "--config", str(config)] if config.name not in OVERLAYS else ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(ROOT / "configs" / "ddp.yaml"), "--config", str(config)]
+    args = (
+        ["fit", "--config", str(config)]
+        if config.name not in OVERLAYS
+        else [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "quickstart.yaml"),
+            "--config",
+            str(ROOT / "configs" / "ddp.yaml"),
+            "--config",
+            str(config),
+        ]
+    )
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--print_config"])
     assert exit_info.value.code in (0, None)
@@ -33,17 +52,33 @@ def test_every_config_parses(config, capsys):
 
 def quickstart_args(tmp_path, *extra):
     return [
-        "--config", str(ROOT / "configs" / "quickstart.yaml"),
-        "--data.init_args.root", str(tmp_path / "digits"),
-        "--trainer.default_root_dir", str(tmp_path / "run"),
-        "--trainer.enable_progress_bar", "false",
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--data.init_args.root",
+        str(tmp_path / "digits"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.enable_progress_bar",
+        "false",
         *extra,
     ]
 
 
 @pytest.mark.slow
 def test_fit_validate_test_predict_from_one_config(tmp_path):
-    fit = cli("fit", *quickstart_args(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "8", "--model.init_args.calibrate_bn", "4"), cwd=tmp_path)
+    fit = cli(
+        "fit",
+        *quickstart_args(
+            tmp_path,
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "8",
+            "--model.init_args.calibrate_bn",
+            "4",
+        ),
+        cwd=tmp_path,
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "bit-identical at epoch 0" in fit.stderr + fit.stdout
     last = next((tmp_path / "run").rglob("last.ckpt"))
@@ -55,7 +90,15 @@ def test_fit_validate_test_predict_from_one_config(tmp_path):
     assert any(k.startswith("FrozenModuleGuard") for k in state["callbacks"])
     val = cli("validate", *quickstart_args(tmp_path), "--ckpt_path", str(last), cwd=tmp_path)
     assert val.returncode == 0 and "val/acc" in val.stdout, val.stderr[-2000:]
-    pred = cli("predict", *quickstart_args(tmp_path), "--ckpt_path", str(last), "--prediction_writer.output", str(tmp_path / "pred.csv"), cwd=tmp_path)
+    pred = cli(
+        "predict",
+        *quickstart_args(tmp_path),
+        "--ckpt_path",
+        str(last),
+        "--prediction_writer.output",
+        str(tmp_path / "pred.csv"),
+        cwd=tmp_path,
+    )
     assert pred.returncode == 0, pred.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
     assert len(rows) == len(list((tmp_path / "digits" / "val").rglob("*.png")))
@@ -71,12 +114,29 @@ def test_fit_validate_test_predict_from_one_config(tmp_path):
         (["--config", "does/not/exist.yaml"], "does/not/exist.yaml"),
         (["--model.init_args.arch", "resnet05"], "Unknown arch 'resnet05'. Did you mean 'resnet50'"),
         (["--model.init_args.num_classes", "7"], "num_classes"),
-        (["--data.init_args.root", "no/such/folder", "--data.class_path", "lightning_frozenbn.ImageFolderDataModule"], "Data root 'no/such/folder' does not exist"),
+        (
+            [
+                "--data.init_args.root",
+                "no/such/folder",
+                "--data.class_path",
+                "lightning_frozenbn.ImageFolderDataModule",
+            ],
+            "Data root 'no/such/folder' does not exist",
+        ),
     ],
     ids=["unknown-key", "wrong-type", "missing-config", "arch-typo", "num-classes-twice", "missing-data"],
 )
 def test_user_mistakes_exit_nonzero_without_traceback(tmp_path, args, match):
-    result = cli("fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"), *args, cwd=tmp_path, timeout=120)
+    result = cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        *args,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert match in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -86,9 +146,22 @@ def test_user_mistakes_exit_nonzero_without_traceback(tmp_path, args, match):
 @pytest.mark.slow
 def test_cli_ddp_two_processes_on_cpu(tmp_path):
     result = cli(
-        "fit", *quickstart_args(tmp_path, "--config", str(ROOT / "configs" / "ddp.yaml"), "--trainer.devices", "2",
-                                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
-                                "--model.init_args.calibrate_bn", "2"),
+        "fit",
+        *quickstart_args(
+            tmp_path,
+            "--config",
+            str(ROOT / "configs" / "ddp.yaml"),
+            "--trainer.devices",
+            "2",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "4",
+            "--trainer.limit_val_batches",
+            "2",
+            "--model.init_args.calibrate_bn",
+            "2",
+        ),
         cwd=tmp_path,
     )
     out = result.stdout + result.stderr
@@ -99,11 +172,27 @@ def test_cli_ddp_two_processes_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_multinode_local_script_runs_two_nodes(tmp_path):
-    env = {**os.environ, "RUN_DIR": str(tmp_path / "run"), "DATA_DIR": str(tmp_path / "digits"), "PYTHON": sys.executable}
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "multinode_local.sh")], cwd=tmp_path, capture_output=True, text=True, timeout=400, env=env)
+    env = {
+        **os.environ,
+        "RUN_DIR": str(tmp_path / "run"),
+        "DATA_DIR": str(tmp_path / "digits"),
+        "PYTHON": sys.executable,
+    }
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "multinode_local.sh")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )
     logs = {p.name: p.read_text() for p in (tmp_path / "run").glob("node*.log")}
     assert result.returncode == 0, result.stdout[-2000:] + "".join(v[-2000:] for v in logs.values())
     assert set(logs) == {"node0.log", "node1.log"}
     assert "bit-identical at epoch 0 on all 2 ranks" in logs["node0.log"]
     assert all("Traceback" not in text for text in logs.values())
-    assert "GLOBAL_RANK: 1" in logs["node1.log"] or "global_rank=1" in logs["node1.log"] or "rank 1" in logs["node1.log"].lower()
+    assert (
+        "GLOBAL_RANK: 1" in logs["node1.log"]
+        or "global_rank=1" in logs["node1.log"]
+        or "rank 1" in logs["node1.log"].lower()
+    )

@@ -48,7 +48,10 @@ def test_grayscale_and_rgba_images_become_rgb(tmp_path):
         (lambda r: r / "nowhere", "Data root '.*nowhere' does not exist"),
         (lambda r: (__import__("shutil").rmtree(r / "val"), r)[1], "Split folder '.*val' is missing"),
         (lambda r: ([__import__("shutil").rmtree(d) for d in (r / "train").iterdir()], r)[1], "has no class folders"),
-        (lambda r: ([f.unlink() for f in (r / "train" / "dog").iterdir()], r)[1], "Class folder '.*dog' holds no images"),
+        (
+            lambda r: ([f.unlink() for f in (r / "train" / "dog").iterdir()], r)[1],
+            "Class folder '.*dog' holds no images",
+        ),
         (lambda r: (__import__("shutil").rmtree(r / "val" / "dog"), r)[1], r"only in train: \['dog'\]"),
     ],
     ids=["missing-root", "missing-split", "no-classes", "empty-class", "class-missing-in-val"],
@@ -69,11 +72,14 @@ def test_an_undecodable_image_is_named(tmp_path):
         next(iter(dm.train_dataloader()))
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"image_size": 0}, "image_size=0 is invalid"),
-    ({"batch_size": 0}, "batch_size=0 is invalid"),
-    ({"min_scale": 1.5}, "min_scale=1.5 is invalid"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"image_size": 0}, "image_size=0 is invalid"),
+        ({"batch_size": 0}, "batch_size=0 is invalid"),
+        ({"min_scale": 1.5}, "min_scale=1.5 is invalid"),
+    ],
+)
 def test_bad_data_arguments(tmp_path, kwargs, match):
     with pytest.raises(DataError, match=match):
         ImageFolderDataModule(tmp_path, **kwargs)

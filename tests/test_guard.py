@@ -15,8 +15,14 @@ from lightning_frozenbn import FrozenBNClassifier, FrozenModuleGuard, FrozenStat
 
 def trainer(tmp_path, callbacks, **kwargs):
     defaults = dict(
-        default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", devices=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     return Trainer(callbacks=callbacks, **{**defaults, **kwargs})
 
@@ -89,8 +95,16 @@ class Unfreeze(Callback):
 @pytest.mark.parametrize(
     ("make_model", "fault", "tensor"),
     [
-        (lambda: FrozenBNClassifier(num_classes=4, arch="resnet18"), FlipBit("backbone.layer1.0.conv1.weight"), "backbone.layer1.0.conv1.weight"),
-        (lambda: FrozenBNClassifier(num_classes=4, arch="resnet18"), FlipBit("backbone.layer3.1.bn2.running_var"), "backbone.layer3.1.bn2.running_var"),
+        (
+            lambda: FrozenBNClassifier(num_classes=4, arch="resnet18"),
+            FlipBit("backbone.layer1.0.conv1.weight"),
+            "backbone.layer1.0.conv1.weight",
+        ),
+        (
+            lambda: FrozenBNClassifier(num_classes=4, arch="resnet18"),
+            FlipBit("backbone.layer3.1.bn2.running_var"),
+            "backbone.layer3.1.bn2.running_var",
+        ),
         (lambda: SmallCNN(functional_bn=True), None, "features.1.running_mean"),
         (lambda: SmallCNN(), Unfreeze(), "features.0.weight"),
     ],
@@ -111,7 +125,9 @@ def test_restore_puts_reference_values_back_and_warn_goes_on(tmp_path):
     assert torch.equal(model.backbone.layer1[0].conv1.weight, original)
     model = FrozenBNClassifier(num_classes=4, arch="resnet18")
     with pytest.warns(UserWarning, match="frozen state changed at epoch 1"):
-        trainer(tmp_path, [FrozenModuleGuard(on_violation="warn"), FlipBit("backbone.conv1.weight")], max_epochs=3).fit(model, tiny_loader())
+        trainer(tmp_path, [FrozenModuleGuard(on_violation="warn"), FlipBit("backbone.conv1.weight")], max_epochs=3).fit(
+            model, tiny_loader()
+        )
 
 
 def test_guard_state_survives_resume_and_catches_changed_weights(tmp_path):
@@ -124,12 +140,16 @@ def test_guard_state_survives_resume_and_catches_changed_weights(tmp_path):
     assert guard_state["epochs_verified"] == 1 and "backbone.conv1.weight" in guard_state["reference_checksums"]
     # resume cleanly: verified against the ORIGINAL reference, epoch count continues
     guard2 = FrozenModuleGuard()
-    trainer(tmp_path, [guard2], max_epochs=2).fit(FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader(), ckpt_path=ckpt.last_model_path)
+    trainer(tmp_path, [guard2], max_epochs=2).fit(
+        FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader(), ckpt_path=ckpt.last_model_path
+    )
     assert guard2.epochs_verified == 2
     # tamper with a frozen weight inside the checkpoint: the resume is refused and names it
     state["state_dict"]["backbone.layer1.1.bn1.running_mean"] += 1e-3
     torch.save(state, tmp_path / "tampered.ckpt")
-    with pytest.raises(FrozenStateViolation, match="backbone.layer1.1.bn1.running_mean: differs from the original frozen reference"):
+    with pytest.raises(
+        FrozenStateViolation, match="backbone.layer1.1.bn1.running_mean: differs from the original frozen reference"
+    ):
         trainer(tmp_path, [FrozenModuleGuard()], max_epochs=2).fit(
             FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader(), ckpt_path=tmp_path / "tampered.ckpt"
         )
@@ -170,5 +190,8 @@ def test_ddp_two_processes_guard_passes_and_catches_a_rank_fault(tmp_path):
     t.fit(FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader())
     t = trainer(tmp_path, [RankFault(), FrozenModuleGuard()], strategy="ddp_spawn", devices=2)
     # ddp_spawn re-raises the first failing rank's error; that every rank stopped shows as no hang
-    with pytest.raises((FrozenStateViolation, ProcessRaisedException), match=r"rank 1: backbone.layer1.0.bn1.running_mean: 64 of 64 elements changed(.|\n)*rank 1 holds a different frozen state than rank 0"):
+    with pytest.raises(
+        (FrozenStateViolation, ProcessRaisedException),
+        match=r"rank 1: backbone.layer1.0.bn1.running_mean: 64 of 64 elements changed(.|\n)*rank 1 holds a different frozen state than rank 0",
+    ):
         t.fit(FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader())

@@ -11,8 +11,14 @@ from lightning_frozenbn import FrozenBNClassifier, FrozenModuleGuard
 
 def trainer(tmp_path, **kwargs):
     defaults = dict(
-        default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     return Trainer(**{**defaults, **kwargs})
 
@@ -27,7 +33,9 @@ def test_only_trainable_parameters_reach_the_optimizer_and_backbone_lr_is_scaled
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
     assert in_opt == trainable and frozen and not (in_opt & frozen)
     groups = {g["name"]: g for g in opt.param_groups}
-    assert groups["backbone"]["initial_lr"] == pytest.approx(0.001) and groups["head"]["initial_lr"] == pytest.approx(0.01)
+    assert groups["backbone"]["initial_lr"] == pytest.approx(0.001) and groups["head"]["initial_lr"] == pytest.approx(
+        0.01
+    )
     assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in model.backbone.layer3.parameters()}
 
 
@@ -100,11 +108,14 @@ def test_non_finite_loss_stops_training_with_the_step(tmp_path):
         trainer(tmp_path).fit(Exploding(num_classes=4, arch="resnet18"), tiny_loader())
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"num_classes": 0}, "num_classes=0 is invalid: expected an integer >= 1"),
-    ({"num_classes": 4, "backbone_lr_mult": -1.0}, "backbone_lr_mult=-1.0 must be >= 0"),
-    ({"num_classes": 4, "calibrate_bn": -2}, "calibrate_bn=-2 must be a number of batches"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_classes": 0}, "num_classes=0 is invalid: expected an integer >= 1"),
+        ({"num_classes": 4, "backbone_lr_mult": -1.0}, "backbone_lr_mult=-1.0 must be >= 0"),
+        ({"num_classes": 4, "calibrate_bn": -2}, "calibrate_bn=-2 must be a number of batches"),
+    ],
+)
 def test_bad_module_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FrozenBNClassifier(arch="resnet18", **kwargs)
@@ -115,3 +126,34 @@ def test_everything_frozen_and_classifier_frozen_is_reported(tmp_path):
     model.classifier.requires_grad_(False)
     with pytest.raises(ValueError, match="No trainable parameters"):
         trainer(tmp_path, max_steps=1).fit(model, tiny_loader())
+
+
+class TinyData(__import__("lightning.pytorch", fromlist=["LightningDataModule"]).LightningDataModule):
+    def train_dataloader(self):
+        return tiny_loader(n=32, batch_size=8)
+
+
+def test_calibrate_bn_runs_before_the_guard_takes_its_reference(tmp_path):
+    model = FrozenBNClassifier(num_classes=4, arch="resnet18", calibrate_bn=3)
+    before = model.backbone.layer2[0].bn1.running_var.clone()
+    guard = FrozenModuleGuard()
+    trainer(tmp_path, callbacks=[guard], max_epochs=2).fit(model, datamodule=TinyData())
+    after = model.backbone.layer2[0].bn1.running_var
+    assert not torch.equal(before, after)  # calibrated (random init starts at var=1)
+    assert guard.epochs_verified == 2  # a reference taken before calibration would have raised
+    assert isinstance(model.backbone.layer2[0].conv1, __import__("lightning_frozenbn").FoldedConv2d)  # refolded
+
+
+def test_fold_and_no_fold_give_the_same_loss_curve(tmp_path):
+    losses = {}
+    for fold in (True, False):
+        torch.manual_seed(0)
+        model = FrozenBNClassifier(num_classes=4, arch="resnet18", fold=fold, freeze_at=1)
+
+        class Record(__import__("lightning.pytorch", fromlist=["Callback"]).Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, fold=fold):
+                losses.setdefault(fold, []).append(outputs["loss"].item())
+
+        trainer(tmp_path, callbacks=[Record()], max_steps=6).fit(model, tiny_loader(n=48, batch_size=8))
+    assert len(losses[True]) == 6
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-4)

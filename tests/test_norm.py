@@ -23,7 +23,10 @@ def reference_and_folded(arch="resnet18", freeze_at=2, norm="frozen"):
     plain = randomize_bn(getattr(torchvision.models, arch)(weights=None))
     plain.fc = nn.Identity()
     ref = nn.ModuleDict(dict(zip(("backbone", "head"), build_resnet(arch, None, norm, freeze_at, fold=False))))
-    ref.load_state_dict({f"{'backbone' if not k.startswith('layer4') else 'head'}.{k}": v for k, v in plain.state_dict().items()}, strict=False)
+    ref.load_state_dict(
+        {f"{'backbone' if not k.startswith('layer4') else 'head'}.{k}": v for k, v in plain.state_dict().items()},
+        strict=False,
+    )
     folded = copy.deepcopy(ref)
     fold_frozen_batchnorm(folded["backbone"])
     fold_frozen_batchnorm(folded["head"])
@@ -35,7 +38,9 @@ def run(model, x):
 
 
 def test_convert_any_model_clones_stats_and_carries_eps():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.SyncBatchNorm(4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.SyncBatchNorm(4)
+    )
     randomize_bn(model)
     model[4].running_var.fill_(2.0)
     model.eval()
@@ -117,7 +122,9 @@ def test_frozen_conv_cache_is_invalidated_on_load_to_and_inplace_edit():
         assert not torch.allclose(backbone(x), before)
         # 2) in-place edit of a BN buffer
         backbone.bn1.running_var.mul_(3)
-        torch.testing.assert_close(backbone(x), unfold_frozen_batchnorm(copy.deepcopy(backbone))(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            backbone(x), unfold_frozen_batchnorm(copy.deepcopy(backbone))(x), rtol=1e-5, atol=1e-5
+        )
         # 3) .to(dtype): new storage
         b64 = backbone.to(torch.float64)
         out64 = b64(x.double())
