@@ -99,31 +99,58 @@ class FoldedConv2d(nn.Conv2d):
         object.__setattr__(self, "_folded_bn", bn)
         self._cache_key: tuple | None = None
         self._cache: tuple[Tensor, Tensor] | None = None
+        self._affine_key: tuple | None = None
+        self._affine_cache: tuple[Tensor, Tensor] | None = None
 
     def _sources(self) -> list[Tensor]:
         bn = self._folded_bn
         tensors = [self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
         return tensors if self.bias is None else [*tensors, self.bias]
 
-    def _fold(self, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _key(tensors: list[Tensor], dtype: torch.dtype | None) -> tuple:
+        return (dtype, *((t.device, t.dtype, t.data_ptr(), t._version) for t in tensors))
+
+    def _affine(self, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        """The BN's ``(scale, shift)`` as a ``(C, 1, 1, 1)`` weight multiplier and a conv bias.
+
+        Cached outside torch.compile: the buffers are frozen, so a trainable conv's step costs one
+        multiplication ``W * scale`` instead of five small kernels. The key holds each buffer's
+        storage and version counter, so a reload or in-place edit recomputes it.
+        """
+        if torch.compiler.is_compiling():
+            return self._compute_affine(dtype)
+        key = self._key(self._sources()[1:5], dtype)
+        if key != self._affine_key or self._affine_cache is None:
+            with torch.no_grad():
+                self._affine_cache = self._compute_affine(dtype)
+            self._affine_key = key
+        return self._affine_cache
+
+    def _compute_affine(self, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
         scale, shift = frozen_affine(self._folded_bn)
-        weight = self.weight * scale.to(self.weight.dtype).reshape(-1, 1, 1, 1)
-        bias = shift if self.bias is None else self.bias * scale + shift
+        shift = shift if dtype is None else shift.to(dtype)
+        return scale.to(self.weight.dtype).reshape(-1, 1, 1, 1), shift
+
+    def _fold(self, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        scale, shift = self._affine(dtype if self.bias is None else None)
+        weight = self.weight * scale
+        bias = shift if self.bias is None else self.bias * scale.flatten() + shift
         if dtype is not None:
             weight, bias = weight.to(dtype), bias.to(dtype)
         return weight, bias
 
     def folded_weight_and_bias(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return the convolution weight and bias with the frozen BN folded in, cached when frozen."""
+        dtype = None
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
         needs_grad = torch.is_grad_enabled() and (
             self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
         )
         if needs_grad or torch.compiler.is_compiling():
-            return self._fold(None)
-        dtype = None
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        key = (dtype, *((t.device, t.dtype, t.data_ptr(), t._version) for t in self._sources()))
+            return self._fold(dtype)
+        key = self._key(self._sources(), dtype)
         if key != self._cache_key or self._cache is None:
             with torch.no_grad():
                 self._cache = self._fold(dtype)
@@ -148,7 +175,7 @@ class FoldedConv2d(nn.Conv2d):
     def forward(self, input: Tensor) -> Tensor:
         """Convolve with the folded weight; the result equals ``bn(conv(input))``."""
         if self.weight.requires_grad and torch.is_grad_enabled() and not self._fold_is_cheaper(input):
-            scale, shift = frozen_affine(self._folded_bn)
+            scale, shift = self._affine(None)
             y = self._conv_forward(input, self.weight, self.bias)
             return y * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
         weight, bias = self.folded_weight_and_bias(input)
@@ -157,6 +184,7 @@ class FoldedConv2d(nn.Conv2d):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_cache"], state["_cache_key"] = None, None
+        state["_affine_cache"], state["_affine_key"] = None, None
         return state
 
     def extra_repr(self) -> str:

@@ -196,3 +196,18 @@ def test_fold_on_cuda_bf16_keeps_dtype_and_matches():
     with torch.no_grad():
         o1, o2 = run(ref.float(), x), run(folded.float(), x)
     torch.testing.assert_close(o2, o1, rtol=1e-2, atol=1e-2 * o1.abs().max().item())  # TF32 may be on
+
+
+def test_trainable_conv_affine_cache_follows_buffer_edits():
+    _, folded = reference_and_folded("resnet18", 2)
+    backbone = folded["backbone"].train()
+    x = torch.randn(2, 3, 64, 64)
+    backbone(x).sum().backward()  # fills the affine caches of the trainable convs
+    conv = backbone.layer3[0].conv1
+    assert conv.weight.requires_grad and conv._affine_cache is not None
+    with torch.no_grad():
+        backbone.layer3[0].bn1.running_var.mul_(4)
+        backbone.layer3[0].bn1.bias.add_(1)
+    out = backbone(x)
+    expected = unfold_frozen_batchnorm(copy.deepcopy(backbone))(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
