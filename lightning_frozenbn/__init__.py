@@ -1,6 +1,7 @@
 """lightning_frozenbn: fine-tune torchvision ResNets with frozen BatchNorm, verifiably and fast."""
 
 from lightning_frozenbn.backbone import ARCHS, NORMS, ResNetBackbone, ResNetHead, WeightsMismatchError, build_resnet
+from lightning_frozenbn.checkpoint import AtomicCheckpointIO, CheckpointError, ResumableCheckpoint
 from lightning_frozenbn.data import DataError, DigitsDataModule, ImageFolderDataModule, PredictionWriter
 from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, find_frozen_modules
 from lightning_frozenbn.module import FrozenBNClassifier
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCHS",
+    "AtomicCheckpointIO",
+    "CheckpointError",
     "DataError",
     "DigitsDataModule",
     "ImageFolderDataModule",
@@ -30,6 +33,7 @@ __all__ = [
     "FrozenModuleGuard",
     "FrozenStateViolation",
     "ResNetBackbone",
+    "ResumableCheckpoint",
     "ResNetHead",
     "StatsFrozenBatchNorm2d",
     "WeightsMismatchError",

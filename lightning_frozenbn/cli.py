@@ -8,11 +8,12 @@ from typing import Any
 
 from jsonargparse import lazy_instance
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from lightning_frozenbn.backbone import WeightsMismatchError
+from lightning_frozenbn.checkpoint import AtomicCheckpointIO, CheckpointError, ResumableCheckpoint
 from lightning_frozenbn.data import DataError, ImageFolderDataModule, PredictionWriter
 from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation
 from lightning_frozenbn.module import FrozenBNClassifier
@@ -20,7 +21,14 @@ from lightning_frozenbn.module import FrozenBNClassifier
 __all__ = ["FrozenBNCLI", "main"]
 
 # Mistakes in the user's config, data or files: reported as one line, no traceback.
-USER_ERRORS = (DataError, WeightsMismatchError, FileNotFoundError, FrozenStateViolation, FloatingPointError)
+USER_ERRORS = (
+    DataError,
+    WeightsMismatchError,
+    CheckpointError,
+    FileNotFoundError,
+    FrozenStateViolation,
+    FloatingPointError,
+)
 
 
 class FrozenBNCLI(LightningCLI):
@@ -28,9 +36,11 @@ class FrozenBNCLI(LightningCLI):
 
     * ``num_classes`` flows from the data module into the model (never written twice);
     * ``guard`` (a :class:`FrozenModuleGuard`) is on by default; ``--guard null`` turns it off;
-    * ``checkpoint`` (ModelCheckpoint) keeps the best model by ``val/acc`` and ``last.ckpt``;
+    * ``checkpoint`` (:class:`ResumableCheckpoint`) keeps the best model by ``val/acc`` and a
+      ``last.ckpt`` that is always the latest epoch;
     * ``prediction_writer`` writes ``predict`` results to CSV;
-    * a LearningRateMonitor, a CSV logger always and a TensorBoard logger when installed.
+    * a LearningRateMonitor, a CSV logger always and a TensorBoard logger when installed;
+    * :class:`AtomicCheckpointIO`: checkpoints written atomically and loaded with the safe loader.
 
     Devices, precision, strategy and num_nodes are plain Trainer flags, settable in YAML or as
     ``--trainer.<flag>``.
@@ -49,7 +59,7 @@ class FrozenBNCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link num_classes; add the checkpoint, guard and prediction-writer groups."""
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -104,6 +114,8 @@ class FrozenBNCLI(LightningCLI):
         if config.get("logger") in (None, True):
             root = config.get("default_root_dir") or "."
             kwargs["logger"] = _default_loggers(root)
+        if config.get("plugins") is None:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
         if guard is not None:
             trainer.callbacks.insert(0, guard)
@@ -148,4 +160,4 @@ def main(args: list[str] | None = None) -> None:
         FrozenBNCLI(args=args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, (DataError, WeightsMismatchError, FileNotFoundError)) else 1)
+        sys.exit(2 if isinstance(err, (DataError, WeightsMismatchError, CheckpointError, FileNotFoundError)) else 1)

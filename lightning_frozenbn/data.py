@@ -13,12 +13,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-__all__ = ["DataError", "DigitsDataModule", "ImageFolderDataModule", "PredictionWriter"]
+__all__ = ["DataError", "DigitsDataModule", "EpochShuffleSampler", "ImageFolderDataModule", "PredictionWriter"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,6 +41,30 @@ def load_rgb(path: str) -> Image.Image:
         raise DataError(f"Cannot decode image {path!r}: {err}. Delete or replace this file and rerun.") from err
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation per epoch drawn from ``seed + epoch``: the order survives a resume.
+
+    PyTorch's RandomSampler draws from a generator that restarts with the DataLoader, so a run
+    resumed at epoch 3 would see epoch 0's order again. Lightning calls ``set_epoch`` on samplers
+    that have it (as it does for DistributedSampler), so here epoch *k* has the same order whether
+    the run was interrupted or not.
+    """
+
+    def __init__(self, length: int, seed: int = 0) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
 def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
@@ -61,6 +85,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         hflip: random horizontal flips for training (off for data where left/right matters, e.g. digits).
         pin_memory: pin host memory; None = when CUDA is available.
         predict_split: the split ``predict`` runs on.
+        augment: random crops/flips for training; off = the eval transform (exactly reproducible runs).
+        seed: seed of the per-epoch shuffle order (see :class:`EpochShuffleSampler`).
     """
 
     def __init__(
@@ -73,6 +99,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         hflip: bool = True,
         pin_memory: bool | None = None,
         predict_split: str = "val",
+        augment: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
@@ -85,6 +113,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.min_scale, self.hflip, self.predict_split = min_scale, hflip, predict_split
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.augment, self.seed = augment, seed
         self.datasets: dict[str, ImageFolder] = {}
 
     @property
@@ -124,7 +153,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _transform(self, train: bool) -> T.Compose:
         normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        if train:
+        if train and self.augment:
             flip = [T.RandomHorizontalFlip()] if self.hflip else []
             return T.Compose([T.RandomResizedCrop(self.image_size, scale=(self.min_scale, 1.0)), *flip, *normalize])
         return T.Compose([T.Resize(round(self.image_size / 0.875)), T.CenterCrop(self.image_size), *normalize])
@@ -156,14 +185,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
+        dataset = self.datasets[split]
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
+            drop_last=shuffle and len(dataset) > self.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -194,7 +224,7 @@ class DigitsDataModule(ImageFolderDataModule):
     Args:
         root: where to write the PNG tree (reused if complete).
         val_fraction: share of each digit class held out for validation.
-        seed: seed of the split.
+        seed: seed of the split and of the shuffle order.
         **kwargs: the ImageFolderDataModule arguments.
     """
 
@@ -208,10 +238,13 @@ class DigitsDataModule(ImageFolderDataModule):
         hflip: bool = False,
         pin_memory: bool | None = None,
         predict_split: str = "val",
+        augment: bool = True,
         val_fraction: float = 0.2,
         seed: int = 0,
     ) -> None:
-        super().__init__(root, image_size, batch_size, num_workers, min_scale, hflip, pin_memory, predict_split)
+        super().__init__(
+            root, image_size, batch_size, num_workers, min_scale, hflip, pin_memory, predict_split, augment, seed
+        )
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction={val_fraction!r} is invalid: expected a fraction in (0, 1), e.g. 0.2.")
         self.val_fraction, self.seed = val_fraction, seed

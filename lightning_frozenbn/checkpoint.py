@@ -1,0 +1,120 @@
+"""Crash-safe checkpoints: written atomically, read with the safe loader, ``last.ckpt`` always the latest epoch."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
+
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "ResumableCheckpoint"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read: missing, truncated, corrupt or unsafe."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's TorchCheckpointIO, made crash-safe and safe to load.
+
+    Why: Lightning writes a checkpoint straight into its final path, so a run killed during the write
+    (pre-emption, OOM killer, a full disk) leaves a truncated ``last.ckpt`` and loses the previous
+    one too. Here the bytes go to a temporary file in the same folder, are fsynced, and replace the
+    old file with one atomic ``os.replace``: at any instant the path holds a complete checkpoint.
+
+    Loading always uses ``torch.load(weights_only=True)``: a file that needs arbitrary Python objects
+    (and could run code while unpickling) is refused, and a truncated file fails with its path and
+    the earlier checkpoints next to it. Remote paths (``s3://``...) fall back to Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        """Write to ``.<name>.tmp-<pid>`` beside ``path``, fsync, then atomically rename."""
+        if not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return None
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Callable | Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Read with the safe loader; explain unreadable files and point at earlier checkpoints."""
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"Checkpoint {str(path)!r} does not exist. {_earlier(path)}")
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"Refused to load checkpoint {str(path)!r}: the safe loader (torch.load(weights_only=True)) "
+                "rejected it. It is corrupt, or it holds Python objects whose loading could run code; only "
+                f"resume from checkpoints you wrote. {_earlier(path)}"
+            ) from err
+        except Exception as err:  # torch raises several types for truncated zip archives
+            raise CheckpointError(
+                f"Cannot read checkpoint {str(path)!r}: {str(err).splitlines()[0]}. The file is truncated or "
+                f"corrupt. {_earlier(path)}"
+            ) from err
+
+
+def _earlier(path: Path) -> str:
+    folder = path.parent
+    others = (
+        sorted(
+            (p for p in folder.glob("*.ckpt") if p.resolve() != path.resolve()),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        if folder.is_dir()
+        else []
+    )
+    if not others:
+        return "No other checkpoint was found beside it."
+    return "Resume from an earlier checkpoint instead, e.g. --ckpt_path " + ", ".join(str(p) for p in others[:3]) + "."
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` is rewritten after every validation, improved or not.
+
+    Why: since Lightning 2.6 ``save_last=True`` writes ``last.ckpt`` only when a top-k checkpoint
+    was written in the same step, so after an epoch that did not improve ``val/acc``, ``last.ckpt``
+    is an older epoch and a killed run resumes further back than it should. Every other behaviour
+    (best-k by the monitored metric, file names) is ModelCheckpoint's.
+    """
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._ensure_last(trainer, on_train_epoch_end=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._ensure_last(trainer, on_train_epoch_end=True)
+
+    def _ensure_last(self, trainer: pl.Trainer, on_train_epoch_end: bool) -> None:
+        if not self.save_last or self._should_skip_saving_checkpoint(trainer):
+            return
+        if self._should_save_on_train_epoch_end(trainer) != on_train_epoch_end:
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
