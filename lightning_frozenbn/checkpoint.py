@@ -71,7 +71,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from err
         except Exception as err:  # torch raises several types for truncated zip archives
             raise CheckpointError(
-                f"Cannot read checkpoint {str(path)!r}: {str(err).splitlines()[0]}. The file is truncated or "
+                f"Cannot read checkpoint {str(path)!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                "The file is truncated or "
                 f"corrupt. {_earlier(path)}"
             ) from err
 

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning_frozenbn.backbone import WeightsMismatchError
 from lightning_frozenbn.checkpoint import AtomicCheckpointIO, CheckpointError, ResumableCheckpoint
 from lightning_frozenbn.data import DataError, ImageFolderDataModule, PredictionWriter
-from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation
+from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, GuardConfigError
 from lightning_frozenbn.module import FrozenBNClassifier
 
 __all__ = ["FrozenBNCLI", "main"]
@@ -25,6 +25,7 @@ USER_ERRORS = (
     DataError,
     WeightsMismatchError,
     CheckpointError,
+    GuardConfigError,
     FileNotFoundError,
     FrozenStateViolation,
     FloatingPointError,
@@ -76,6 +77,16 @@ class FrozenBNCLI(LightningCLI):
             help="The FrozenModuleGuard callback (null to turn it off).",
         )
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters before anything else; a truncated or
+        # unsafe file must fail there with our explanation, not a torch.load traceback.
+        try:
+            super()._parse_ckpt_path()
+        except Exception:
+            config = self.config[self.config.subcommand]
+            AtomicCheckpointIO().load_checkpoint(config.get("ckpt_path"))  # raises CheckpointError
+            raise
 
     def before_instantiate_classes(self) -> None:
         """Refuse a num_classes written by hand: it comes from the data, and two sources can disagree."""
@@ -160,4 +171,8 @@ def main(args: list[str] | None = None) -> None:
         FrozenBNCLI(args=args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, (DataError, WeightsMismatchError, CheckpointError, FileNotFoundError)) else 1)
+        sys.exit(
+            2
+            if isinstance(err, (DataError, WeightsMismatchError, CheckpointError, GuardConfigError, FileNotFoundError))
+            else 1
+        )

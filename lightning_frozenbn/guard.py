@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_frozenbn.norm import StatsFrozenBatchNorm2d
 
-__all__ = ["FrozenModuleGuard", "FrozenStateViolation", "find_frozen_modules", "fingerprint"]
+__all__ = ["FrozenModuleGuard", "FrozenStateViolation", "GuardConfigError", "find_frozen_modules", "fingerprint"]
 
 OnViolation = Literal["raise", "warn", "restore"]
 # Layers whose forward depends on train/eval mode (FrozenBatchNorm2d's does not, so it needs no hook).
@@ -28,6 +28,10 @@ def _keep_eval(module: nn.Module, args: Any) -> None:
     """Forward pre-hook: a guarded module always runs in eval mode, whoever called ``.train()``."""
     if module.training:
         module.eval()
+
+
+class GuardConfigError(ValueError):
+    """The guard's ``modules`` or ``on_violation`` argument cannot be used with this model."""
 
 
 class FrozenStateViolation(RuntimeError):
@@ -114,12 +118,12 @@ class FrozenModuleGuard(Callback):
         check_ranks: bool = True,
     ) -> None:
         if on_violation not in ("raise", "warn", "restore"):
-            raise ValueError(
+            raise GuardConfigError(
                 f"FrozenModuleGuard(on_violation={on_violation!r}) is not supported: expected "
                 "'raise', 'warn' or 'restore'."
             )
         if modules is not None and (isinstance(modules, str) or not all(isinstance(m, str) for m in modules)):
-            raise ValueError(
+            raise GuardConfigError(
                 f"FrozenModuleGuard(modules={modules!r}): expected a list of submodule names such as "
                 "['backbone.conv1', 'backbone.layer1'], or None to find the frozen modules."
             )
@@ -152,7 +156,7 @@ class FrozenModuleGuard(Callback):
             if name not in names:
                 close = difflib.get_close_matches(name, names, n=3)
                 hint = f" Close matches: {', '.join(close)}." if close else ""
-                raise ValueError(
+                raise GuardConfigError(
                     f"FrozenModuleGuard(modules=...) names {name!r}, which is not a submodule of "
                     f"{type(pl_module).__name__}.{hint} Use names from `model.named_modules()`, or pass "
                     "modules=None to find the frozen modules automatically."
@@ -160,13 +164,13 @@ class FrozenModuleGuard(Callback):
             module = pl_module.get_submodule(name)
             trainable = [n for n, p in module.named_parameters() if p.requires_grad]
             if trainable:
-                raise ValueError(
+                raise GuardConfigError(
                     f"FrozenModuleGuard(modules=...) names {name!r}, but it has {len(trainable)} trainable "
                     f"parameters ({', '.join(trainable[:3])}...): the optimizer would change them every "
                     f"step. Freeze it first (`{name}.requires_grad_(False)`) or leave it out of `modules`."
                 )
             if not list(module.parameters()) and not list(module.buffers()):
-                raise ValueError(
+                raise GuardConfigError(
                     f"FrozenModuleGuard(modules=...) names {name!r}, which has no parameters or buffers, so "
                     "there is nothing frozen to guard. Name the module that holds the frozen weights."
                 )
