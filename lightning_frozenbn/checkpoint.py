@@ -71,10 +71,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from err
         except Exception as err:  # torch raises several types for truncated zip archives
             raise CheckpointError(
-                f"Cannot read checkpoint {str(path)!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-                "The file is truncated or "
-                f"corrupt. {_earlier(path)}"
+                f"Cannot read checkpoint {str(path)!r} ({type(err).__name__}: {_first_line(err)}). The file is "
+                f"truncated or corrupt. {_earlier(path)}"
             ) from err
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err)
+    return text.splitlines()[0] if text else ""
 
 
 def _earlier(path: Path) -> str:
