@@ -157,3 +157,17 @@ def test_fold_and_no_fold_give_the_same_loss_curve(tmp_path):
         trainer(tmp_path, callbacks=[Record()], max_steps=6).fit(model, tiny_loader(n=48, batch_size=8))
     assert len(losses[True]) == 6
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_channels_last_bf16_fit_on_cuda(tmp_path):
+    # random init: calibrated statistics keep an all-frozen-BN ResNet-50 from blowing up (as in the quickstart)
+    model = FrozenBNClassifier(num_classes=4, arch="resnet50", compile=True, channels_last=True, calibrate_bn=3)
+    guard = FrozenModuleGuard()
+    t = trainer(
+        tmp_path, accelerator="gpu", precision="bf16-mixed", max_epochs=2, callbacks=[guard], gradient_clip_val=1.0
+    )
+    t.fit(model, datamodule=TinyData())
+    assert guard.epochs_verified == 2
+    assert torch.isfinite(t.callback_metrics["train/loss"])

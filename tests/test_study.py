@@ -10,8 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_reduced_study_measures_the_three_claims(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "study.py"), "--quick", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "study.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("claim1.md", "claim2.md", "claim3.md", "claim1.png", "results.json", "source_resnet18.pth"):
         assert (tmp_path / name).stat().st_size > 0, name
