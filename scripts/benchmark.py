@@ -374,7 +374,7 @@ def data_pipeline(args, device, step_img_s):
         "pipeline_img_per_s": rate,
         "model_step_img_per_s": step_img_s,
         "workers": args.workers,
-        "limit": "input pipeline" if rate < step_img_s else "model step",
+        "limit": "n/a" if step_img_s != step_img_s else ("input pipeline" if rate < step_img_s else "model step"),
         "images": n,
     }
 
