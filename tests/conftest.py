@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
+from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -40,3 +44,32 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 m.bias.copy_(torch.randn(c, generator=g) * 0.1)
                 m.num_batches_tracked.fill_(100)
     return model
+
+
+def quiet_trainer(tmp_path, **kwargs) -> Trainer:
+    """A CPU Trainer with no logger, progress bar, summary or checkpoints unless asked for."""
+    defaults = dict(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    return Trainer(**{**defaults, **kwargs})
+
+
+class _CreatesFile:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def write_evil_pickle(path: Path, marker: Path, key: str = "state_dict") -> None:
+    """A pickle that would create ``marker`` when loaded by an unsafe loader."""
+    with open(path, "wb") as f:
+        pickle.dump({key: {}, "payload": _CreatesFile(str(marker))}, f)

@@ -1,9 +1,7 @@
-import pickle
-
 import pytest
 import torch
 import torchvision
-from conftest import randomize_bn
+from conftest import randomize_bn, write_evil_pickle
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -143,18 +141,9 @@ def test_files_that_are_not_state_dicts(tmp_path):
         build_resnet("resnet18", weights=str(tmp_path / "truncated.pth"))
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-    with open(tmp_path / "evil.pth", "wb") as f:
-        pickle.dump({"conv1.weight": _Evil(str(marker))}, f)
+    write_evil_pickle(tmp_path / "evil.pth", marker, key="conv1.weight")
     with pytest.raises(ValueError, match="Refused to load"):
         build_resnet("resnet18", weights=str(tmp_path / "evil.pth"))
     assert not marker.exists()

@@ -40,25 +40,17 @@ no traceback, and leaves the files of an earlier run untouched.
 | 35 | checkpoint | a checkpoint pickle that would run code            | "Refused" (marker never created)  |
 """
 
-import pickle
 import shutil
 
 import pytest
 import torch
 import torchvision
+from conftest import write_evil_pickle
 from PIL import Image
 
 from lightning_frozenbn.cli import main
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +67,8 @@ def world(tmp_path_factory):
                 Image.new("RGB", (40, 40), (i * 60, 10, 10)).save(base / "tree" / split / c / f"{i}.png")
     torch.save(torchvision.models.resnet18().state_dict(), base / "r18.pth")
     torch.save([1, 2, 3], base / "list.pth")
-    with open(base / "evil.pth", "wb") as f:
-        pickle.dump({"w": _Evil(str(base / "pwned"))}, f)
-    with open(base / "evil.ckpt", "wb") as f:
-        pickle.dump({"state_dict": {}, "x": _Evil(str(base / "pwned"))}, f)
+    write_evil_pickle(base / "evil.pth", base / "pwned", key="w")
+    write_evil_pickle(base / "evil.ckpt", base / "pwned")
     (base / "broken.yaml").write_text("model:\n  init_args: [unclosed\n")
     # an earlier run whose files must survive every failed command
     earlier = base / "run" / "csv" / "version_0"

@@ -1,4 +1,3 @@
-import pickle
 import signal
 import subprocess
 import sys
@@ -6,6 +5,7 @@ import time
 
 import pytest
 import torch
+from conftest import write_evil_pickle
 
 from lightning_frozenbn import AtomicCheckpointIO, CheckpointError
 
@@ -55,18 +55,9 @@ def test_truncated_checkpoint_names_the_file_and_an_earlier_one(tmp_path):
         io.load_checkpoint(tmp_path / "nope.ckpt")
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-    with open(tmp_path / "evil.ckpt", "wb") as f:
-        pickle.dump({"state_dict": {}, "x": _Evil(str(marker))}, f)
+    write_evil_pickle(tmp_path / "evil.ckpt", marker)
     with pytest.raises(CheckpointError, match="Refused to load checkpoint"):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "evil.ckpt")
     assert not marker.exists()

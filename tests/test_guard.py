@@ -4,8 +4,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_loader
-from lightning.pytorch import Callback, Trainer
+from conftest import quiet_trainer, tiny_loader
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.multiprocessing import ProcessRaisedException
@@ -14,17 +14,7 @@ from lightning_frozenbn import FrozenBNClassifier, FrozenModuleGuard, FrozenStat
 
 
 def trainer(tmp_path, callbacks, **kwargs):
-    defaults = dict(
-        default_root_dir=tmp_path,
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    return Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+    return quiet_trainer(tmp_path, callbacks=callbacks, **{"max_epochs": 2, **kwargs})
 
 
 class SmallCNN(pl.LightningModule):

@@ -1,26 +1,13 @@
 import pytest
 import torch
 import torchvision
-from conftest import randomize_bn, tiny_loader
-from lightning.pytorch import Trainer
+from conftest import quiet_trainer, randomize_bn, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_frozenbn import FrozenBNClassifier, FrozenModuleGuard
 
-
-def trainer(tmp_path, **kwargs):
-    defaults = dict(
-        default_root_dir=tmp_path,
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    return Trainer(**{**defaults, **kwargs})
+trainer = quiet_trainer
 
 
 def test_only_trainable_parameters_reach_the_optimizer_and_backbone_lr_is_scaled(tmp_path):
