@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import randomize_bn, tiny_loader
-from lightning.pytorch import Trainer
+from conftest import quiet_trainer, randomize_bn, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.multiprocessing import ProcessRaisedException
 
@@ -133,17 +132,7 @@ class NaNOnRank1(FrozenBNClassifier):
 
 
 def test_ddp_nan_on_one_rank_stops_every_rank(tmp_path):
-    trainer = Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(tmp_path, devices=2, strategy="ddp_spawn")
     started = time.time()
     with pytest.raises((FloatingPointError, ProcessRaisedException), match=r"not finite at global step 2"):
         trainer.fit(NaNOnRank1(num_classes=4, arch="resnet18"), tiny_loader(n=64, batch_size=4))
@@ -201,16 +190,8 @@ def test_guard_reports_no_false_positives(tmp_path, fold, precision):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
 
     def make_trainer(epochs, callbacks):
-        return Trainer(
-            default_root_dir=tmp_path,
-            accelerator="cpu",
-            devices=1,
-            precision=precision,
-            max_epochs=epochs,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
+        return quiet_trainer(
+            tmp_path, precision=precision, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=True
         )
 
     guard = FrozenModuleGuard()
