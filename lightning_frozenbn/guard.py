@@ -183,10 +183,9 @@ class FrozenModuleGuard(Callback):
         tensors: dict[str, Tensor] = {}
         params: dict[str, nn.Parameter] = {}
         for name, module in self._frozen.items():
-            prefix = f"{name}." if name else ""
-            for key, p in module.named_parameters(prefix=prefix.rstrip(".")):
+            for key, p in module.named_parameters(prefix=name):
                 tensors[key], params[key] = p, p
-            for key, b in module.named_buffers(prefix=prefix.rstrip(".")):
+            for key, b in module.named_buffers(prefix=name):
                 tensors[key] = b
         # norm="eval": trainable affine, but the statistics are frozen too.
         for name, module in pl_module.named_modules():
@@ -222,11 +221,11 @@ class FrozenModuleGuard(Callback):
         if self._loaded_checksums is not None:
             problems = self._compare_with_checkpoint()
         self._reference = {name: t.detach().clone() for name, t in self._tensors.items()}
-        if self._loaded_checksums is not None and not problems:
-            self._reference_checksums = self._loaded_checksums
-        else:
-            sums = fingerprint(list(self._tensors.values())).tolist()
-            self._reference_checksums = dict(zip(self._tensors, sums))
+        # The checkpoint keeps the checksums of the first fit's reference, even after a violation
+        # was reported in "warn"/"restore" mode: later resumes still compare with the original.
+        original = self._loaded_checksums or {}
+        sums = fingerprint(list(self._tensors.values())).tolist()
+        self._reference_checksums = {n: original.get(n, s) for n, s in zip(self._tensors, sums)}
         self._log_report(trainer)
         self._verify(trainer, "the start of training", problems)
 
