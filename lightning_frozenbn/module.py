@@ -89,7 +89,9 @@ class FrozenBNClassifier(pl.LightningModule):
         self.backbone, self.head = build_resnet(arch, weights, norm, freeze_at, fold)
         self.classifier = nn.Linear(self.head.out_channels, num_classes)
         metric_ks = (1, 5) if num_classes >= 5 else (1,)
-        self.val_acc = nn.ModuleDict({f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in metric_ks})
+        self.val_acc = nn.ModuleDict(
+            {f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in metric_ks}
+        )
         self.test_acc = copy.deepcopy(self.val_acc)
         self._compiled = False
 
