@@ -119,8 +119,6 @@ class FrozenBNCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add the guard and the default loggers (CSV always, TensorBoard when installed)."""
         guard = self._get(self.config_init, "guard")
-        if guard is not None:
-            kwargs.setdefault("callbacks", [])
         config = self._get(self.config_init, "trainer", default={})
         if config.get("logger") in (None, True):
             root = config.get("default_root_dir") or "."

@@ -196,3 +196,24 @@ def test_multinode_local_script_runs_two_nodes(tmp_path):
         or "global_rank=1" in logs["node1.log"]
         or "rank 1" in logs["node1.log"].lower()
     )
+
+
+def test_user_trainer_callbacks_are_kept_beside_the_guard(tmp_path):
+    from lightning_frozenbn.cli import FrozenBNCLI
+
+    cli = FrozenBNCLI(
+        args=[
+            "--config",
+            str(ROOT / "configs" / "quickstart.yaml"),
+            "--data.init_args.root",
+            str(tmp_path / "digits"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.callbacks+=EarlyStopping",
+            "--trainer.callbacks.monitor=val/acc",
+            "--trainer.callbacks.mode=max",
+        ],
+        run=False,
+    )
+    names = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert {"EarlyStopping", "FrozenModuleGuard", "ResumableCheckpoint", "LearningRateMonitor"} <= names
