@@ -217,15 +217,13 @@ class FrozenModuleGuard(Callback):
             for module in self._frozen.values()
             if any(isinstance(m, _MODE_SENSITIVE) for m in module.modules())
         ]
-        problems: list[str] = []
-        if self._loaded_checksums is not None:
-            problems = self._compare_with_checkpoint()
+        current = dict(zip(self._tensors, fingerprint(list(self._tensors.values())).tolist()))
+        problems = self._compare_with_checkpoint(current) if self._loaded_checksums is not None else []
         self._reference = {name: t.detach().clone() for name, t in self._tensors.items()}
         # The checkpoint keeps the checksums of the first fit's reference, even after a violation
         # was reported in "warn"/"restore" mode: later resumes still compare with the original.
         original = self._loaded_checksums or {}
-        sums = fingerprint(list(self._tensors.values())).tolist()
-        self._reference_checksums = {n: original.get(n, s) for n, s in zip(self._tensors, sums)}
+        self._reference_checksums = {n: original.get(n, s) for n, s in current.items()}
         self._log_report(trainer)
         self._verify(trainer, "the start of training", problems)
 
@@ -247,7 +245,7 @@ class FrozenModuleGuard(Callback):
                 f"FrozenModuleGuard: something put frozen modules back in train mode; eval mode was "
                 f"re-applied {self._reapplied_eval} times this epoch."
             )
-        self._verify(trainer, f"epoch {trainer.current_epoch}")
+        self._verify(trainer, f"epoch {trainer.current_epoch}", epoch_end=True)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -286,17 +284,15 @@ class FrozenModuleGuard(Callback):
                 flipped = True
         self._reapplied_eval += flipped
 
-    def _compare_with_checkpoint(self) -> list[str]:
+    def _compare_with_checkpoint(self, current: dict[str, list[int]]) -> list[str]:
         loaded = self._loaded_checksums or {}
         problems = [
-            f"{n}: in the checkpoint's frozen reference but no longer frozen" for n in loaded if n not in self._tensors
+            f"{n}: in the checkpoint's frozen reference but no longer frozen" for n in loaded if n not in current
         ]
-        names = [n for n in self._tensors if n in loaded]
-        sums = fingerprint([self._tensors[n] for n in names]).tolist()
         problems += [
             f"{n}: differs from the original frozen reference stored in the checkpoint (checksum)"
-            for n, s in zip(names, sums)
-            if list(s) != list(loaded[n])
+            for n, s in current.items()
+            if n in loaded and list(s) != list(loaded[n])
         ]
         return problems
 
@@ -317,7 +313,9 @@ class FrozenModuleGuard(Callback):
         ]
         return lines
 
-    def _verify(self, trainer: pl.Trainer, when: str, problems: list[str] | None = None) -> None:
+    def _verify(
+        self, trainer: pl.Trainer, when: str, problems: list[str] | None = None, epoch_end: bool = False
+    ) -> None:
         local = (problems or []) + self._local_changes()
         rank, world = trainer.global_rank, trainer.world_size
         diverged: list[str] = []
@@ -334,7 +332,7 @@ class FrozenModuleGuard(Callback):
                         f"rank {r} holds a different frozen state than rank 0 in {len(rows)} tensors: {shown}"
                     )
         if trainer.strategy.reduce_boolean_decision(not local, all=True) and not diverged:
-            if "epoch" in when:
+            if epoch_end:
                 self._epochs_verified += 1
             ranks = f"on all {world} ranks" if world > 1 else "on rank 0"
             rank_zero_info(f"FrozenModuleGuard: {len(self._tensors)} frozen tensors bit-identical at {when} {ranks}.")
