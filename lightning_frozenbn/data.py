@@ -160,7 +160,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _dataset(self, split: str, train: bool) -> ImageFolder:
         classes = self._check_split(split)
-        train_classes = self._check_split("train")
+        train_classes = classes if split == "train" else self._check_split("train")
         if classes != train_classes:
             only_train = sorted(set(train_classes) - set(classes))
             only_here = sorted(set(classes) - set(train_classes))
