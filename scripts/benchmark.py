@@ -8,7 +8,7 @@ ratios, so machine noise hits every variant alike. Prints tables and writes a JS
 
 Sections: step time and peak memory per variant (fp32 and bf16 autocast; eager, and compiled on
 CUDA); bytes autograd saves for backward in one forward (deterministic: the memory figure that holds
-on a noisy CPU); Lightning ``Trainer.fit`` step vs a plain PyTorch loop; the FrozenModuleGuard's
+on a noisy CPU); a per-op profile of ours vs the strongest peer; Lightning ``Trainer.fit`` step vs a plain PyTorch loop; the FrozenModuleGuard's
 overhead; the ImageFolder input pipeline's images/s vs the model step's.
 """
 
@@ -194,6 +194,64 @@ def saved_bytes(args, device, variants):
     return rows
 
 
+def profile_ops(args, device, x, y, variants=("ours (folded)", "detectron2 FrozenBN"), precision="bf16"):
+    """Where a step's time goes, per aten op, for ours and the strongest peer (torch.profiler, eager).
+
+    On CUDA the time is the GPU time of the kernels each op launched (self device time); on CPU it is
+    the op's self CPU time. Calls per step are deterministic and show what each variant runs: e.g. the
+    elementwise passes a BN costs, or the bias add a folded conv keeps.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    steps = max(2, args.steps)
+    runners = {name: Runner(name, args, device, precision, False) for name in variants}
+    for runner in runners.values():
+        for _ in range(args.warmup):
+            runner.step(x, y)
+    per_variant: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
+    for _ in range(args.rounds):  # interleaved, like the step timings
+        for name, runner in runners.items():
+            sync()
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
+                    runner.step(x, y)
+                sync()
+            for event in prof.key_averages():
+                spent = event.self_device_time_total if cuda else event.self_cpu_time_total
+                if event.key.startswith("aten::"):
+                    total = per_variant[name].setdefault(event.key, [0.0, 0.0])
+                    total[0] += spent / 1e3 / steps / args.rounds
+                    total[1] += event.count / steps / args.rounds
+    del runners
+    ours, peer = variants
+    ops = sorted(
+        set(per_variant[ours]) | set(per_variant[peer]),
+        key=lambda k: -max(per_variant[ours].get(k, (0, 0))[0], per_variant[peer].get(k, (0, 0))[0]),
+    )
+    rows = [
+        {
+            "op": op,
+            "ours_ms": per_variant[ours].get(op, (0.0, 0))[0],
+            "ours_calls": per_variant[ours].get(op, (0.0, 0))[1],
+            "peer_ms": per_variant[peer].get(op, (0.0, 0))[0],
+            "peer_calls": per_variant[peer].get(op, (0.0, 0))[1],
+        }
+        for op in ops
+    ]
+    return {
+        "peer": peer,
+        "precision": precision,
+        "clock": "GPU kernel time" if cuda else "CPU self time",
+        "steps": steps,
+        "ops": rows,
+        "ours_total_ms": sum(t for t, _ in per_variant[ours].values()),
+        "peer_total_ms": sum(t for t, _ in per_variant[peer].values()),
+    }
+
+
 class _StepClock:
     """Lightning callback recording the wall time between consecutive training batches."""
 
@@ -226,7 +284,12 @@ class _StepClock:
 
 
 def lightning_vs_plain(args, device, x, y):
-    """Per-step median: Trainer.fit vs a hand-written loop, same model, same batches, interleaved."""
+    """Per-step median: Trainer.fit vs a hand-written loop, same model, same batches, interleaved.
+
+    Lightning runs twice per round: with ``check_finite=False`` (the same work as the plain loop, so
+    the ratio is Lightning's own cost) and with the package default ``check_finite=True``, whose
+    NaN check reads the loss on the host every step (a device sync; free on CPU, measured on GPU).
+    """
     from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -234,34 +297,35 @@ def lightning_vs_plain(args, device, x, y):
     model.configure_optimizers = lambda: torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9
     )
-    loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=x.shape[0])
     data = [(x, y)] * args.steps
     precision = "bf16-mixed" if args.fit_precision == "bf16" else "32-true"
-    clock = _StepClock()
+    clocks = {False: _StepClock(), True: _StepClock()}
     plain_steps: list[float] = []
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.rounds):
-        trainer = Trainer(
-            accelerator=device.type if device.type == "cuda" else "cpu",
-            devices=1,
-            precision=precision,
-            max_steps=args.steps + 1,
-            limit_train_batches=args.steps + 1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[clock.callback],
-            num_sanity_val_steps=0,
-        )
-        trainer.fit(
-            model,
-            DataLoader(
-                TensorDataset(x.cpu().repeat(args.steps + 1, 1, 1, 1), y.cpu().repeat(args.steps + 1)),
-                batch_size=x.shape[0],
-            ),
-        )
+        for check_finite, clock in clocks.items():
+            model.hparams.check_finite = check_finite
+            trainer = Trainer(
+                accelerator=device.type if device.type == "cuda" else "cpu",
+                devices=1,
+                precision=precision,
+                max_steps=args.steps + 1,
+                limit_train_batches=args.steps + 1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=[clock.callback],
+                num_sanity_val_steps=0,
+            )
+            trainer.fit(
+                model,
+                DataLoader(
+                    TensorDataset(x.cpu().repeat(args.steps + 1, 1, 1, 1), y.cpu().repeat(args.steps + 1)),
+                    batch_size=x.shape[0],
+                ),
+            )
         model.to(device).train()
         for i, (xb, yb) in enumerate(data):
             sync()
@@ -274,14 +338,16 @@ def lightning_vs_plain(args, device, x, y):
             sync()
             if i >= 1 or args.steps == 1:
                 plain_steps.append(time.perf_counter() - t0)
-    del loader
-    lightning = statistics.median(clock.steps)
+    lightning = statistics.median(clocks[False].steps)
+    checked = statistics.median(clocks[True].steps)
     plain = statistics.median(plain_steps)
     return {
         "lightning_ms": lightning * 1e3,
         "plain_ms": plain * 1e3,
         "ratio": lightning / plain,
-        "steps": len(clock.steps),
+        "check_finite_ms": checked * 1e3,
+        "check_finite_ratio": checked / lightning,
+        "steps": len(clocks[False].steps),
     }
 
 
@@ -407,7 +473,7 @@ def main(argv=None):
         default=None,
         help="also time torch.compile (default: on for cuda)",
     )
-    parser.add_argument("--sections", default="steps,saved,lightning,guard,data")
+    parser.add_argument("--sections", default="steps,saved,profile,lightning,guard,data")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--fit-precision", choices=["fp32", "bf16"])
     parser.add_argument("--workers", type=int)
@@ -475,6 +541,14 @@ def main(argv=None):
                 rows, ["variant", "precision", "saved_mib", "vs_torchvision", "saved_mib_excl_params", "output_dtype"]
             )
         )
+    if "profile" in sections:
+        prof = profile_ops(args, device, x, y)
+        result["profile"] = prof
+        print(
+            f"\n## Per-op {prof['clock']} per step, eager {prof['precision']}: ours vs {prof['peer']} "
+            f"(totals {prof['ours_total_ms']:.1f} vs {prof['peer_total_ms']:.1f} ms; top 15 ops)"
+        )
+        print(fmt_table(prof["ops"][:15], ["op", "ours_ms", "ours_calls", "peer_ms", "peer_calls"]))
     step_rate = next(
         (
             r["img_per_s"]
@@ -486,7 +560,13 @@ def main(argv=None):
     if "lightning" in sections:
         result["lightning"] = lightning_vs_plain(args, device, x, y)
         print("\n## Lightning Trainer.fit step vs plain PyTorch loop (ours, median per step)")
-        print(fmt_table([result["lightning"]], ["lightning_ms", "plain_ms", "ratio", "steps"]))
+        print("(check_finite_ratio: the default NaN check's host sync, Lightning with it / without it)")
+        print(
+            fmt_table(
+                [result["lightning"]],
+                ["lightning_ms", "plain_ms", "ratio", "check_finite_ms", "check_finite_ratio", "steps"],
+            )
+        )
     if "guard" in sections:
         result["guard"] = guard_overhead(args, device, x, y)
         print("\n## FrozenModuleGuard overhead (epoch time with/without, and the guard hooks' own time)")

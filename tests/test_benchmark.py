@@ -48,5 +48,13 @@ def test_benchmark_script_runs_every_section_and_writes_json(tmp_path):
     saved = {(r["variant"], r["precision"]): r for r in data["saved"]}
     assert saved[("ours (folded)", "bf16")]["output_dtype"] == "torch.bfloat16"
     assert saved[("ours (folded)", "bf16")]["saved_mib"] < saved[("torchvision FrozenBN", "bf16")]["saved_mib"]
-    assert data["lightning"]["ratio"] > 0 and data["guard"]["guard_hook_s_per_epoch"] >= 0
+    assert data["lightning"]["ratio"] > 0 and data["lightning"]["check_finite_ratio"] > 0
+    assert data["guard"]["guard_hook_s_per_epoch"] >= 0
     assert data["data"]["pipeline_img_per_s"] > 0
+    # The profile covers the same network on both sides (resnet18: 20 convolutions per forward) and
+    # shows folding's point: fewer elementwise multiply/add launches than detectron2's BN.
+    ops = {r["op"]: r for r in data["profile"]["ops"]}
+    assert ops["aten::convolution"]["ours_calls"] == ops["aten::convolution"]["peer_calls"] == 20
+    elementwise = [ops.get(op, {"ours_calls": 0, "peer_calls": 0}) for op in ("aten::mul", "aten::add")]
+    assert sum(r["ours_calls"] for r in elementwise) < sum(r["peer_calls"] for r in elementwise)
+    assert data["profile"]["ours_total_ms"] > 0 and data["profile"]["peer_total_ms"] > 0
