@@ -7,6 +7,6 @@ mkdir -p "$out"
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python -c "import torch, torchvision, lightning; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'lightning', lightning.__version__)" | tee -a "$out/gpu.txt"
-timeout "${TEST_TIMEOUT:-240}" python -m pytest tests/test_norm.py tests/test_module.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/tests.log"
+timeout "${TEST_TIMEOUT:-240}" python -m pytest tests/test_norm.py tests/test_module.py tests/test_benchmark.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/tests.log"
 timeout "${BENCH_TIMEOUT:-420}" python scripts/benchmark.py --device cuda --output "$out/benchmark.json" "$@" 2>&1 \
   | grep -v -E "Warning|warn\(|^\s*$|litlogger|available:" | tee "$out/benchmark.log"

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -32,17 +33,21 @@ def tiny_loader(n: int = 16, size: int = 32, num_classes: int = 4, batch_size: i
 
 
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every BN non-trivial statistics and affine values, so tests cannot pass on defaults."""
+    """Give every BN (BatchNorm2d or FrozenBatchNorm2d) non-trivial statistics and affine values.
+
+    So that tests cannot pass on defaults: a FrozenBatchNorm2d fresh from torchvision is the identity.
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
+            if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
+                c = m.running_mean.numel()
                 m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-                m.num_batches_tracked.fill_(100)
+                if getattr(m, "num_batches_tracked", None) is not None:
+                    m.num_batches_tracked.fill_(100)
     return model
 
 

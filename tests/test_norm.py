@@ -254,13 +254,8 @@ def test_fold_is_exact_on_a_torchvision_detection_model():
 
     torch.manual_seed(0)
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3)
+    randomize_bn(backbone)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in backbone.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                for buffer, low, high in ((m.weight, 0.5, 1.5), (m.bias, -0.1, 0.1), (m.running_mean, -0.1, 0.1)):
-                    buffer.copy_(torch.rand(buffer.shape, generator=g) * (high - low) + low)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     ref = FasterRCNN(backbone, num_classes=3, min_size=64, max_size=64).double().train()
     folded = copy.deepcopy(ref)
     fold_frozen_batchnorm(folded.backbone)
