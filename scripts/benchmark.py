@@ -7,9 +7,11 @@ ratios, so machine noise hits every variant alike. Prints tables and writes a JS
     python scripts/benchmark.py --device cuda         # H100 recipe sizes: batch 256, 224 px, + torch.compile
 
 Sections: step time and peak memory per variant (fp32 and bf16 autocast; eager, and compiled on
-CUDA); bytes autograd saves for backward in one forward (deterministic: the memory figure that holds
-on a noisy CPU); a per-op profile of ours vs the strongest peer; Lightning ``Trainer.fit`` step vs a plain PyTorch loop; the FrozenModuleGuard's
-overhead; the ImageFolder input pipeline's images/s vs the model step's.
+CUDA; on CUDA also the fused-epilogue experiment); bytes autograd saves for backward in one forward
+(deterministic: the memory figure that holds on a noisy CPU); a per-op profile of ours vs the
+strongest peer; Lightning ``Trainer.fit`` step vs a plain PyTorch loop (and the cost of the default
+NaN check); the FrozenModuleGuard's overhead; the ImageFolder input pipeline's images/s vs the model
+step's.
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from lightning_frozenbn import FrozenBNClassifier, FrozenModuleGuard, build_resnet
+from lightning_frozenbn import FoldedConv2d, FrozenBNClassifier, FrozenModuleGuard, build_resnet
 from lightning_frozenbn.backbone import STAGES
 
 
@@ -102,12 +106,6 @@ def _fused_bottleneck(self, x):
 
 def fuse_epilogues(model: nn.Module) -> nn.Module:
     """Route every folded ResNet block through :class:`ConvBiasReLU` (same parameters, same keys)."""
-    import types
-
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
-    from lightning_frozenbn import FoldedConv2d
-
     for block in model.modules():
         if isinstance(block, (BasicBlock, Bottleneck)):
             convs = [block.conv1, block.conv2, *([block.conv3] if isinstance(block, Bottleneck) else [])]
