@@ -595,6 +595,10 @@ def main(argv=None):
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     sections = args.sections.split(",")
+
+    def save(result):  # after every section, so a run cut short by a timeout keeps what it measured
+        Path(args.output).write_text(json.dumps(result, indent=2, default=str))
+
     name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     result = {"device": name, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}}
     print(
@@ -615,6 +619,7 @@ def main(argv=None):
         for row in rows:
             if "error" in row:
                 print(f"{row['variant']} ({row['precision']}) failed: {row['error']}")
+    save(result)
     if "saved" in sections:
         rows = saved_bytes(args, device, VARIANTS)
         for row in rows:
@@ -630,6 +635,7 @@ def main(argv=None):
                 rows, ["variant", "precision", "saved_mib", "vs_torchvision", "saved_mib_excl_params", "output_dtype"]
             )
         )
+    save(result)
     if "profile" in sections:
         prof = profile_ops(args, device, x, y)
         result["profile"] = prof
@@ -646,6 +652,7 @@ def main(argv=None):
         ),
         None,
     )
+    save(result)
     if "lightning" in sections:
         result["lightning"] = lightning_vs_plain(args, device, x, y)
         print("\n## Lightning Trainer.fit step vs plain PyTorch loop (ours, median per step)")
@@ -656,6 +663,7 @@ def main(argv=None):
                 ["lightning_ms", "plain_ms", "ratio", "check_finite_ms", "check_finite_ratio", "steps"],
             )
         )
+    save(result)
     if "guard" in sections:
         result["guard"] = guard_overhead(args, device, x, y)
         print("\n## FrozenModuleGuard overhead (epoch time with/without, and the guard hooks' own time)")
@@ -672,10 +680,12 @@ def main(argv=None):
                 ],
             )
         )
+    save(result)
     if "data" in sections:
         result["data"] = data_pipeline(args, device, step_rate or float("nan"))
         print("\n## Input pipeline (ImageFolder: JPEG decode + train transforms) vs model step")
         print(fmt_table([result["data"]], ["pipeline_img_per_s", "model_step_img_per_s", "workers", "limit", "images"]))
+    save(result)
     if "steps" in sections and args.compile:  # last: compilation takes minutes
         compiled = bench_steps(args, device, x, y, "bf16", True, VARIANTS[:4])
         result["steps"] += compiled
@@ -686,7 +696,7 @@ def main(argv=None):
                 ["variant", "precision", "compiled", "ms_per_step", "img_per_s", "peak_gib", "ours_over_this", "steps"],
             )
         )
-    Path(args.output).write_text(json.dumps(result, indent=2, default=str))
+    save(result)
     print(f"\nwrote {args.output}")
 
 
