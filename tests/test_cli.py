@@ -202,17 +202,12 @@ def test_user_trainer_callbacks_are_kept_beside_the_guard(tmp_path):
     from lightning_frozenbn.cli import FrozenBNCLI
 
     cli = FrozenBNCLI(
-        args=[
-            "--config",
-            str(ROOT / "configs" / "quickstart.yaml"),
-            "--data.init_args.root",
-            str(tmp_path / "digits"),
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
+        args=quickstart_args(
+            tmp_path,
             "--trainer.callbacks+=EarlyStopping",
             "--trainer.callbacks.monitor=val/acc",
             "--trainer.callbacks.mode=max",
-        ],
+        ),
         run=False,
     )
     names = {type(c).__name__ for c in cli.trainer.callbacks}
