@@ -305,29 +305,22 @@ def profile_ops(args, device, x, y, variants=("ours (folded)", "detectron2 Froze
                     total[0] += spent / 1e3 / steps / args.rounds
                     total[1] += event.count / steps / args.rounds
     del runners
-    ours, peer = variants
-    ops = sorted(
-        set(per_variant[ours]) | set(per_variant[peer]),
-        key=lambda k: -max(per_variant[ours].get(k, (0, 0))[0], per_variant[peer].get(k, (0, 0))[0]),
-    )
-    rows = [
-        {
-            "op": op,
-            "ours_ms": per_variant[ours].get(op, (0.0, 0))[0],
-            "ours_calls": per_variant[ours].get(op, (0.0, 0))[1],
-            "peer_ms": per_variant[peer].get(op, (0.0, 0))[0],
-            "peer_calls": per_variant[peer].get(op, (0.0, 0))[1],
-        }
-        for op in ops
-    ]
+    ours, peer = (per_variant[name] for name in variants)
+    rows = []
+    for op in set(ours) | set(peer):
+        (ours_ms, ours_calls), (peer_ms, peer_calls) = ours.get(op, (0.0, 0.0)), peer.get(op, (0.0, 0.0))
+        rows.append(
+            {"op": op, "ours_ms": ours_ms, "ours_calls": ours_calls, "peer_ms": peer_ms, "peer_calls": peer_calls}
+        )
+    rows.sort(key=lambda r: -max(r["ours_ms"], r["peer_ms"]))
     return {
-        "peer": peer,
+        "peer": variants[1],
         "precision": precision,
         "clock": "GPU kernel time" if cuda else "CPU self time",
         "steps": steps,
         "ops": rows,
-        "ours_total_ms": sum(t for t, _ in per_variant[ours].values()),
-        "peer_total_ms": sum(t for t, _ in per_variant[peer].values()),
+        "ours_total_ms": sum(t for t, _ in ours.values()),
+        "peer_total_ms": sum(t for t, _ in peer.values()),
     }
 
 
@@ -362,6 +355,24 @@ class _StepClock:
         self.callback, self.steps, self.epochs, self.t0, self.e0 = _Cb(), [], [], 0.0, 0.0
 
 
+def _bench_trainer(device, precision, callbacks, **limits):
+    """A Trainer with nothing but the model step and the given callbacks (no logger, checkpoint, bar)."""
+    from lightning.pytorch import Trainer
+
+    return Trainer(
+        accelerator=device.type if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        **limits,
+    )
+
+
 def lightning_vs_plain(args, device, x, y):
     """Per-step median: Trainer.fit vs a hand-written loop, same model, same batches, interleaved.
 
@@ -369,7 +380,6 @@ def lightning_vs_plain(args, device, x, y):
     the ratio is Lightning's own cost) and with the package default ``check_finite=True``, whose
     NaN check reads the loss on the host every step (a device sync; free on CPU, measured on GPU).
     """
-    from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader, TensorDataset
 
     model = FrozenBNClassifier(num_classes=1000, arch=args.arch, check_finite=False, channels_last=args.channels_last)
@@ -385,18 +395,8 @@ def lightning_vs_plain(args, device, x, y):
     for _ in range(args.rounds):
         for check_finite, clock in clocks.items():
             model.hparams.check_finite = check_finite
-            trainer = Trainer(
-                accelerator=device.type if device.type == "cuda" else "cpu",
-                devices=1,
-                precision=precision,
-                max_steps=args.steps + 1,
-                limit_train_batches=args.steps + 1,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=[clock.callback],
-                num_sanity_val_steps=0,
+            trainer = _bench_trainer(
+                device, precision, [clock.callback], max_steps=args.steps + 1, limit_train_batches=args.steps + 1
             )
             trainer.fit(
                 model,
@@ -432,7 +432,6 @@ def lightning_vs_plain(args, device, x, y):
 
 def guard_overhead(args, device, x, y):
     """Epoch time with vs without the guard (interleaved), and the guard's own hook time per epoch."""
-    from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader, TensorDataset
 
     loader = DataLoader(
@@ -458,18 +457,7 @@ def guard_overhead(args, device, x, y):
 
                 setattr(guard, hook, timed)
             callbacks = [clock.callback, guard] if use_guard else [clock.callback]
-            Trainer(
-                accelerator=device.type if device.type == "cuda" else "cpu",
-                devices=1,
-                precision=precision,
-                max_epochs=2,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=callbacks,
-                num_sanity_val_steps=0,
-            ).fit(model, loader)
+            _bench_trainer(device, precision, callbacks, max_epochs=2).fit(model, loader)
             (with_guard if use_guard else without).extend(clock.epochs[1:])
             if use_guard:
                 hook_time.append(spent[0] / 2)
