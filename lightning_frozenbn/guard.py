@@ -49,8 +49,9 @@ def _bits(t: Tensor) -> Tensor:
 def fingerprint(tensors: list[Tensor]) -> Tensor:
     """Two int64 checksums per tensor (bit sum and position-weighted bit sum), shape ``(len, 2)``.
 
-    Integer arithmetic wraps deterministically, so the value is the same on every device and rank;
-    any single flipped bit changes both sums. Used for the cross-rank check and the checkpoint.
+    Integer arithmetic wraps deterministically, so the value is the same on every device and rank.
+    Any single flipped bit changes the bit sum (by ``2**k``, never a multiple of ``2**64``); the
+    weighted sum also catches most swaps of elements. Used for the cross-rank check and the checkpoint.
     """
     if not tensors:
         return torch.zeros(0, 2, dtype=torch.int64)
@@ -140,6 +141,9 @@ class FrozenModuleGuard(Callback):
         self._epochs_verified = 0
         self._reapplied_eval = 0
         self._hooks: list[Any] = []
+        self._before_resume: dict[str, Tensor] = {}
+        self._load_hook: Any = None
+        self._unrecoverable: list[str] = []
 
     @property
     @override
@@ -197,8 +201,24 @@ class FrozenModuleGuard(Callback):
     # ---- hooks -------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._resolve(pl_module)  # fail fast on bad `modules` names, before any work
+        if stage != "fit":
+            return
+        self._resolve(pl_module)  # fail fast on bad `modules` names, before any work
+        self._before_resume = {}
+        self._remove_load_hook()
+        # The checkpoint stores checksums, not values. When Lightning loads a checkpoint into the model
+        # (a resume), keep the frozen tensors as the model was built just before: if a resumed tensor
+        # was tampered with, these are its original values whenever their checksum matches the stored one.
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(self._keep_values_before_load)
+
+    def _keep_values_before_load(self, module: nn.Module, *args: Any) -> None:
+        self._collect(module)
+        self._before_resume = {name: t.detach().clone() for name, t in self._tensors.items()}
+
+    def _remove_load_hook(self) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -209,6 +229,7 @@ class FrozenModuleGuard(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_load_hook()
         self._collect(pl_module)
         self._set_eval()
         self._remove_hooks()
@@ -218,14 +239,16 @@ class FrozenModuleGuard(Callback):
             if any(isinstance(m, _MODE_SENSITIVE) for m in module.modules())
         ]
         current = dict(zip(self._tensors, fingerprint(list(self._tensors.values())).tolist()))
-        problems = self._compare_with_checkpoint(current) if self._loaded_checksums is not None else []
         self._reference = {name: t.detach().clone() for name, t in self._tensors.items()}
+        problems = self._compare_with_checkpoint(current) if self._loaded_checksums is not None else []
+        self._before_resume = {}
         # The checkpoint keeps the checksums of the first fit's reference, even after a violation
         # was reported in "warn"/"restore" mode: later resumes still compare with the original.
         original = self._loaded_checksums or {}
         self._reference_checksums = {n: original.get(n, s) for n, s in current.items()}
         self._log_report(trainer)
         self._verify(trainer, "the start of training", problems)
+        self._unrecoverable = []
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -250,6 +273,8 @@ class FrozenModuleGuard(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+        self._remove_load_hook()
+        self._before_resume = {}
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -285,15 +310,32 @@ class FrozenModuleGuard(Callback):
         self._reapplied_eval += flipped
 
     def _compare_with_checkpoint(self, current: dict[str, list[int]]) -> list[str]:
+        """Compare the resumed frozen tensors with the checksums of the first fit's reference.
+
+        A tensor that differs gets its original values back as the reference when the model as built
+        before the checkpoint was loaded still holds them (same checksum): then the usual comparison
+        reports it element by element and ``restore`` really restores it. Otherwise the original values
+        exist nowhere (the checkpoint keeps checksums, not values): that is reported, and ``restore``
+        refuses to pretend.
+        """
         loaded = self._loaded_checksums or {}
         problems = [
             f"{n}: in the checkpoint's frozen reference but no longer frozen" for n in loaded if n not in current
         ]
-        problems += [
-            f"{n}: differs from the original frozen reference stored in the checkpoint (checksum)"
-            for n, s in current.items()
-            if n in loaded and list(s) != list(loaded[n])
-        ]
+        self._unrecoverable = []
+        for name, sums in current.items():
+            if name not in loaded or list(sums) == list(loaded[name]):
+                continue
+            built = self._before_resume.get(name)
+            if built is not None and fingerprint([built])[0].tolist() == list(loaded[name]):
+                self._reference[name] = built.to(self._reference[name].device)
+                continue
+            self._unrecoverable.append(name)
+            problems.append(
+                f"{name}: differs from the original frozen reference stored in the checkpoint (checksum); the "
+                "checkpoint keeps checksums, not values, and the model as built before loading it does not hold "
+                "the original values either, so they cannot be restored"
+            )
         return problems
 
     def _local_changes(self) -> list[str]:
@@ -305,8 +347,11 @@ class FrozenModuleGuard(Callback):
                     f"{name}: shape/dtype changed {tuple(ref.shape)} {ref.dtype} -> {tuple(live.shape)} {live.dtype}"
                 )
             elif not torch.equal(_bits(live), _bits(ref)):
-                changed = (_bits(live) != _bits(ref)).sum().item()
-                diff = (live.detach().double() - ref.double()).abs().nan_to_num(nan=float("inf")).max().item()
+                mask = _bits(live) != _bits(ref)  # elements that changed: an unchanged NaN is not a diff
+                changed = mask.sum().item()
+                diff = (
+                    (live.detach()[mask].double() - ref[mask].double()).abs().nan_to_num(nan=float("inf")).max().item()
+                )
                 lines.append(f"{name}: {changed} of {ref.numel()} elements changed, max |diff| = {diff:.3g}")
         lines += [
             f"{name}: requires_grad was switched back on" for name, p in self._frozen_params.items() if p.requires_grad
@@ -354,6 +399,12 @@ class FrozenModuleGuard(Callback):
         if self.on_violation == "warn":
             rank_zero_warn(message)
             return
+        if not trainer.strategy.reduce_boolean_decision(not self._unrecoverable, all=True):
+            raise FrozenStateViolation(
+                message + "\non_violation='restore' cannot restore values that no longer exist. Resume from a "
+                "checkpoint whose frozen tensors are intact, or build the model from the weights the first fit "
+                "started from, so that the guard can restore them."
+            )
         self._restore(diverged)
         rank_zero_warn(message + "\nRestored the reference values of these tensors.")
 

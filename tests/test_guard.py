@@ -4,13 +4,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_trainer, tiny_loader
+from conftest import quiet_trainer, randomize_bn, tiny_loader
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.multiprocessing import ProcessRaisedException
 
 from lightning_frozenbn import FrozenBNClassifier, FrozenModuleGuard, FrozenStateViolation, find_frozen_modules
+from lightning_frozenbn.guard import fingerprint
 
 
 def trainer(tmp_path, callbacks, **kwargs):
@@ -102,22 +103,84 @@ class Unfreeze(Callback):
 )
 def test_every_injected_fault_is_caught_and_named(tmp_path, make_model, fault, tensor):
     callbacks = [FrozenModuleGuard()] + ([fault] if fault else [])
-    with pytest.raises(FrozenStateViolation, match=rf"rank 0: {tensor}: \d+ of \d+ elements changed, max \|diff\| = "):
+    with pytest.raises(
+        FrozenStateViolation, match=rf"rank 0: {tensor}: \d+ of \d+ elements changed, max \|diff\| = "
+    ) as err:
         trainer(tmp_path, callbacks).fit(make_model(), tiny_loader())
+    if isinstance(fault, Unfreeze):  # the flag itself is reported too, not only its consequence
+        assert f"rank 0: {tensor}: requires_grad was switched back on" in str(err.value)
 
 
-def test_restore_puts_reference_values_back_and_warn_goes_on(tmp_path):
+class SwitchOn(Callback):
+    """Turns requires_grad back on for one frozen weight; our module's optimizer does not hold it, so it never moves."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            pl_module.get_parameter(self.name).requires_grad_(True)
+
+
+def test_requires_grad_switched_on_is_a_violation_even_if_nothing_moved(tmp_path):
     model = FrozenBNClassifier(num_classes=4, arch="resnet18")
-    original = model.backbone.layer1[0].conv1.weight.detach().clone()
+    before = model.backbone.conv1.weight.detach().clone()
+    with pytest.raises(
+        FrozenStateViolation, match="at epoch 1:\n  rank 0: backbone.conv1.weight: requires_grad was switched back on\n"
+    ):
+        trainer(tmp_path, [FrozenModuleGuard(), SwitchOn("backbone.conv1.weight")]).fit(model, tiny_loader())
+    assert torch.equal(model.backbone.conv1.weight, before)
+
+
+class ManyFaults(Callback):
+    """At epoch 1: a flipped bit in a frozen weight and in a frozen BN buffer, and a frozen weight switched on."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 0:
+            with torch.no_grad():
+                for t in (pl_module.backbone.layer1[0].conv1.weight, pl_module.backbone.layer2[0].bn1.running_var):
+                    t.view(-1)[:1].view(torch.int32).bitwise_xor_(1)
+            pl_module.backbone.conv1.weight.requires_grad_(True)
+
+
+FAULTED = ("backbone.layer1.0.conv1.weight", "backbone.layer2.0.bn1.running_var", "backbone.conv1.weight")
+
+
+def test_restore_puts_parameters_buffers_and_flags_back(tmp_path):
+    model = FrozenBNClassifier(num_classes=4, arch="resnet18")
+    randomize_bn(model)
+    original = {
+        n: t.detach().clone()
+        for n, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
+        if n in FAULTED
+    }
     guard = FrozenModuleGuard(on_violation="restore")
-    with pytest.warns(UserWarning, match="Restored the reference values"):
-        trainer(tmp_path, [guard, FlipBit("backbone.layer1.0.conv1.weight")]).fit(model, tiny_loader())
-    assert torch.equal(model.backbone.layer1[0].conv1.weight, original)
+    with pytest.warns(UserWarning, match="Restored the reference values") as record:
+        trainer(tmp_path, [guard, ManyFaults()], max_epochs=3).fit(model, tiny_loader())
+    message = "\n".join(str(w.message) for w in record)
+    assert all(name in message for name in FAULTED)
+    live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, value in original.items():
+        assert torch.equal(live[name], value), name
+    assert not model.backbone.conv1.weight.requires_grad
+    assert guard.epochs_verified == 2  # epochs 0 and 2; epoch 1 was restored, not verified
+
+
+def test_warn_reports_and_changes_nothing(tmp_path):
     model = FrozenBNClassifier(num_classes=4, arch="resnet18")
-    with pytest.warns(UserWarning, match="frozen state changed at epoch 1"):
-        trainer(tmp_path, [FrozenModuleGuard(on_violation="warn"), FlipBit("backbone.conv1.weight")], max_epochs=3).fit(
-            model, tiny_loader()
-        )
+    randomize_bn(model)
+    guard = FrozenModuleGuard(on_violation="warn")
+    t = trainer(tmp_path, [guard, ManyFaults()], max_epochs=3)
+    with pytest.warns(UserWarning, match="frozen state changed at epoch 1") as record:
+        t.fit(model, tiny_loader())
+    assert t.current_epoch == 3  # training went on to the end
+    # the changes stay (warn restores nothing) and stay reported: the reference is not moved to them
+    assert sum("frozen state changed at epoch" in str(w.message) for w in record) == 2
+    assert not any("Restored" in str(w.message) for w in record)
+    assert model.backbone.conv1.weight.requires_grad
+    changed = guard._reference["backbone.layer1.0.conv1.weight"]
+    assert not torch.equal(model.backbone.layer1[0].conv1.weight, changed)
+    assert guard.epochs_verified == 1
 
 
 def test_guard_state_survives_resume_and_catches_changed_weights(tmp_path):
@@ -164,6 +227,18 @@ def test_explicit_modules_are_guarded(tmp_path):
     guard = FrozenModuleGuard(modules=["backbone.layer1"])
     trainer(tmp_path, [guard], max_epochs=1).fit(FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader())
     assert guard.frozen_tensor_names and all(n.startswith("backbone.layer1.") for n in guard.frozen_tensor_names)
+    # a fault inside a named module is caught; one in a frozen module left out of `modules` is not the guard's
+    with pytest.raises(
+        FrozenStateViolation, match="rank 0: backbone.layer1.1.bn2.running_mean: 1 of 64 elements changed"
+    ):
+        trainer(
+            tmp_path, [FrozenModuleGuard(modules=["backbone.layer1"]), FlipBit("backbone.layer1.1.bn2.running_mean")]
+        ).fit(FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader())
+    guard = FrozenModuleGuard(modules=["backbone.layer1"])
+    trainer(tmp_path, [guard, FlipBit("backbone.conv1.weight")]).fit(
+        FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader()
+    )
+    assert guard.epochs_verified == 2
 
 
 class RankFault(Callback):
@@ -185,3 +260,185 @@ def test_ddp_two_processes_guard_passes_and_catches_a_rank_fault(tmp_path):
         match=r"rank 1: backbone.layer1.0.bn1.running_mean: 64 of 64 elements changed(.|\n)*rank 1 holds a different frozen state than rank 0",
     ):
         t.fit(FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader())
+
+
+def _tampered_checkpoint(tmp_path, name, delta=1e-3):
+    """Fit one epoch, then write a copy of last.ckpt with one frozen tensor changed."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    torch.manual_seed(0)
+    trainer(tmp_path, [FrozenModuleGuard(), ckpt], max_epochs=1, enable_checkpointing=True).fit(
+        FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader()
+    )
+    state = torch.load(ckpt.last_model_path, weights_only=True)
+    original = state["state_dict"][name].clone()
+    state["state_dict"][name] += delta
+    torch.save(state, tmp_path / "tampered.ckpt")
+    return original
+
+
+def test_restore_after_a_tampered_resume_brings_back_the_original_values(tmp_path):
+    """The checkpoint holds checksums only; the model as built before the checkpoint is loaded into it
+    still holds the original frozen values, so restore really restores them (it used to copy the
+    tampered values onto themselves and call that restored)."""
+    name = "backbone.layer1.1.bn1.running_mean"
+    original = _tampered_checkpoint(tmp_path, name)
+    torch.manual_seed(0)  # the same initial weights as the first fit
+    model = FrozenBNClassifier(num_classes=4, arch="resnet18")
+    guard = FrozenModuleGuard(on_violation="restore")
+    with pytest.warns(
+        UserWarning, match=rf"at the start of training:\n  rank 0: {name}: 64 of 64 elements changed(.|\n)*Restored"
+    ):
+        trainer(tmp_path, [guard], max_epochs=2).fit(model, tiny_loader(), ckpt_path=tmp_path / "tampered.ckpt")
+    assert torch.equal(model.get_buffer(name), original)
+    assert guard.epochs_verified == 2  # epoch 0 from the first fit, epoch 1 after the restore
+
+
+def test_restore_refuses_when_the_original_values_exist_nowhere(tmp_path):
+    name = "backbone.layer1.0.conv1.weight"
+    _tampered_checkpoint(tmp_path, name)
+    torch.manual_seed(123)  # other initial weights: the original frozen conv weights are gone
+    model = FrozenBNClassifier(num_classes=4, arch="resnet18")
+    with pytest.raises(
+        FrozenStateViolation,
+        match=rf"{name}: differs from the original frozen reference(.|\n)*cannot be restored(.|\n)*cannot restore values that no longer exist",
+    ):
+        trainer(tmp_path, [FrozenModuleGuard(on_violation="restore")], max_epochs=2).fit(
+            model, tiny_loader(), ckpt_path=tmp_path / "tampered.ckpt"
+        )
+    # warn mode says the same and goes on
+    torch.manual_seed(123)
+    with pytest.warns(
+        UserWarning, match=rf"{name}: differs from the original frozen reference(.|\n)*cannot be restored"
+    ):
+        trainer(tmp_path, [FrozenModuleGuard(on_violation="warn")], max_epochs=2).fit(
+            FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader(), ckpt_path=tmp_path / "tampered.ckpt"
+        )
+
+
+class DropoutNet(pl.LightningModule):
+    """A frozen block with Dropout and no BN, then a trainable head; training_step calls self.train()."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5))
+        self.frozen.requires_grad_(False)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+        self.dropout_modes = []
+        self.frozen[1].register_forward_hook(lambda m, a, o: self.dropout_modes.append(m.training))
+
+    def forward(self, x):
+        return self.head(self.frozen(x))
+
+    def training_step(self, batch, batch_idx):
+        self.train()
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+
+def test_dropout_inside_a_frozen_module_runs_in_eval_and_hooks_go_at_teardown(tmp_path):
+    model = DropoutNet()
+    guard = FrozenModuleGuard()
+    trainer(tmp_path, [guard], max_epochs=1).fit(model, tiny_loader())
+    assert model.dropout_modes and not any(model.dropout_modes)
+    assert guard._hooks == [] and not model.frozen._forward_pre_hooks  # removed at teardown
+    model.train()
+    model(torch.randn(1, 3, 8, 8))
+    assert model.dropout_modes[-1] is True  # after fit the module is the user's again
+
+
+class Buffers(pl.LightningModule):
+    """A frozen block holding a buffer with NaN, +0.0 and -0.0: the guard compares bits, not values."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(3, 4)
+        self.frozen.register_buffer("table", torch.tensor([float("nan"), 0.0, -0.0, 1.0]))
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.frozen(x.mean(dim=(2, 3))) + self.frozen.table.nan_to_num())
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+
+class Edit(Callback):
+    def __init__(self, edit):
+        self.edit = edit
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        with torch.no_grad():
+            self.edit(pl_module)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (None, None),  # NaN stays NaN: no false alarm
+        (
+            lambda m: m.frozen.table[1].neg_(),
+            r"frozen.table: 1 of 4 elements changed, max \|diff\| = 0",
+        ),  # +0.0 -> -0.0
+        (
+            lambda m: m.frozen.table[2].neg_(),
+            r"frozen.table: 1 of 4 elements changed, max \|diff\| = 0",
+        ),  # -0.0 -> +0.0
+        (lambda m: m.frozen.table[3].copy_(float("nan")), r"frozen.table: 1 of 4 elements changed, max \|diff\| = inf"),
+        (
+            lambda m: setattr(m.frozen.weight, "data", m.frozen.weight.data.double()),
+            r"frozen.weight: shape/dtype changed \(4, 3\) torch.float32 -> \(4, 3\) torch.float64",
+        ),
+        (
+            lambda m: setattr(m.frozen.table, "data", m.frozen.table.data[:3]),
+            r"frozen.table: shape/dtype changed \(4,\) torch.float32 -> \(3,\) torch.float32",
+        ),
+    ],
+    ids=["nan-unchanged", "plus-to-minus-zero", "minus-to-plus-zero", "value-to-nan", "dtype", "shape"],
+)
+def test_bitwise_comparison_nan_signed_zero_shape_and_dtype(tmp_path, edit, match):
+    guard = FrozenModuleGuard()
+    t = trainer(tmp_path, ([Edit(edit)] if edit else []) + [guard], max_epochs=1)  # the edit runs before the check
+    if match is None:
+        t.fit(Buffers(), tiny_loader())
+        assert guard.epochs_verified == 1 and "frozen.table" in guard.frozen_tensor_names
+    else:
+        with pytest.raises(FrozenStateViolation, match=match):
+            t.fit(Buffers(), tiny_loader())
+
+
+def test_fingerprint_changes_with_one_flipped_bit_and_signed_zero():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(1000, generator=g), torch.randn(3, 4, generator=g).double(), torch.arange(7)]
+    base = fingerprint(tensors)
+    assert base.shape == (3, 2) and base.dtype == torch.int64
+    for i, t in enumerate(tensors):
+        for position in (0, t.numel() // 2, t.numel() - 1):
+            for bit in (0, 13, t.element_size() * 8 - 1):  # lowest mantissa bit, a middle bit, the sign bit
+                flipped = t.clone()
+                ints = flipped.view(-1).view({4: torch.int32, 8: torch.int64}[t.element_size()])
+                ints[position] ^= 1 << bit if bit < 63 else -(1 << 63)
+                new = fingerprint([*tensors[:i], flipped, *tensors[i + 1 :]])
+                assert new[i, 0] != base[i, 0], (i, position, bit)  # the bit sum always moves
+                assert torch.equal(new[:i], base[:i]) and torch.equal(new[i + 1 :], base[i + 1 :])
+    assert not torch.equal(fingerprint([torch.tensor([0.0])]), fingerprint([torch.tensor([-0.0])]))
+    assert torch.equal(fingerprint([torch.tensor([float("nan")])]), fingerprint([torch.tensor([float("nan")])]))
+
+
+def test_norm_eval_statistics_are_guarded(tmp_path):
+    model = FrozenBNClassifier(num_classes=4, arch="resnet18", norm="eval")
+    guard = FrozenModuleGuard()
+    trainer(tmp_path, [guard], max_epochs=1).fit(model, tiny_loader())
+    assert "backbone.layer3.0.bn1.running_var" in guard.frozen_tensor_names
+    assert "backbone.layer3.0.bn1.weight" not in guard.frozen_tensor_names  # the affine map trains
+    with pytest.raises(
+        FrozenStateViolation, match=r"rank 0: backbone.layer3.0.bn1.running_var: 1 of 256 elements changed"
+    ):
+        trainer(tmp_path, [FrozenModuleGuard(), FlipBit("backbone.layer3.0.bn1.running_var")]).fit(
+            FrozenBNClassifier(num_classes=4, arch="resnet18", norm="eval"), tiny_loader()
+        )

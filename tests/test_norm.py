@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import randomize_bn, requires_gpu
 from torch import nn
@@ -16,6 +17,8 @@ from lightning_frozenbn import (
     fold_frozen_batchnorm,
     unfold_frozen_batchnorm,
 )
+
+TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 def reference_and_folded(arch="resnet18", freeze_at=2, norm="frozen"):
@@ -48,17 +51,20 @@ def test_convert_any_model_clones_stats_and_carries_eps():
     expected = model[:4](x)
     expected = (expected - model[4].running_mean[:, None, None]) / (model[4].running_var[:, None, None] + 1e-5).sqrt()
     expected = expected * model[4].weight[:, None, None] + model[4].bias[:, None, None]
-    source = copy.deepcopy(model)
+    sources = {i: model[i] for i in (1, 4)}  # the BN modules themselves, not copies of them
+    values = {i: {k: getattr(bn, k).detach().clone() for k in TENSORS} for i, bn in sources.items()}
     frozen = convert_frozen_batchnorm(model)
     assert isinstance(frozen[1], FrozenBatchNorm2d) and isinstance(frozen[4], FrozenBatchNorm2d)
     assert frozen[1].eps == 1e-3
-    assert frozen[1].running_mean.data_ptr() != source[1].running_mean.data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), expected, rtol=1e-5, atol=1e-5)
-    # cloned, not shared: editing the frozen copy leaves a second conversion of the source intact
-    other = convert_frozen_batchnorm(copy.deepcopy(source))
-    frozen[1].running_mean.add_(1)
-    assert not torch.equal(frozen[1].running_mean, other[1].running_mean)
+    # cloned, not shared: no storage in common with the source BN, and editing the frozen copy in
+    # place leaves the source's tensors as they were
+    for i, bn in sources.items():
+        for key in TENSORS:
+            assert getattr(frozen[i], key).untyped_storage().data_ptr() != getattr(bn, key).untyped_storage().data_ptr()
+            getattr(frozen[i], key).add_(1)
+            assert torch.equal(getattr(bn, key), values[i][key]), (i, key)
 
 
 def test_convert_refuses_bn_without_running_stats():
@@ -188,13 +194,46 @@ def test_fold_explains_untraceable_models():
     assert isinstance(model.conv, FoldedConv2d)
 
 
-def test_stats_frozen_bn_ignores_train_mode_but_trains_affine():
-    bn = randomize_bn(nn.Sequential(StatsFrozenBatchNorm2d(4)))[0].train()
-    mean = bn.running_mean.clone()
-    out = bn(torch.randn(8, 4, 5, 5) * 3 + 2)
-    out.sum().backward()
-    assert torch.equal(bn.running_mean, mean)
-    assert bn.weight.grad is not None and bn.bias.grad is not None
+def test_stats_frozen_bn_normalises_with_running_stats_in_train_mode_and_trains_affine():
+    bn = randomize_bn(nn.Sequential(StatsFrozenBatchNorm2d(4)))[0].double().train()
+    stats = {k: getattr(bn, k).detach().clone() for k in ("running_mean", "running_var", "num_batches_tracked")}
+    x = torch.randn(8, 4, 5, 5, dtype=torch.float64) * 3 + 2  # batch statistics far from the running ones
+    out = bn(x)
+    expected = F.batch_norm(
+        x, stats["running_mean"], stats["running_var"], bn.weight, bn.bias, training=False, eps=bn.eps
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.pow(2).sum().backward()
+    for key, value in stats.items():
+        assert torch.equal(getattr(bn, key), value), key
+    w_grad, b_grad = torch.autograd.grad(expected.pow(2).sum(), (bn.weight, bn.bias))
+    torch.testing.assert_close(bn.weight.grad, w_grad)
+    torch.testing.assert_close(bn.bias.grad, b_grad)
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+@pytest.mark.parametrize("trainable", [False, True])
+@pytest.mark.parametrize("size", [3, 9], ids=["weight-larger-than-output", "output-larger-than-weight"])
+def test_fold_single_pair_is_exact_in_float64(conv_bias, trainable, size):
+    """conv -> FrozenBN folded equals the two modules in float64, with and without a conv bias, for a
+    frozen conv (cached fold), a trainable one (fold recomputed each call) and the unfolded route the
+    trainable conv takes when its weight outweighs its output; gradients included."""
+    torch.manual_seed(0)
+    ref = randomize_bn(nn.Sequential(nn.Conv2d(3, 5, 3, bias=conv_bias), FrozenBatchNorm2d(5))).double()
+    ref[0].requires_grad_(trainable)
+    folded = fold_frozen_batchnorm(copy.deepcopy(ref))
+    assert isinstance(folded[0], FoldedConv2d)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, requires_grad=True)
+    out_ref, out_fold = ref(x), folded(x)
+    torch.testing.assert_close(out_fold, out_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad(out_ref, [x, *[p for p in ref.parameters() if p.requires_grad]], g)
+    grads_fold = torch.autograd.grad(out_fold, [x, *[p for p in folded.parameters() if p.requires_grad]], g)
+    assert len(grads_fold) == 1 + (trainable * (1 + conv_bias))
+    for a, b in zip(grads_fold, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # the cached path of a frozen conv, and inference of a trainable one
+        torch.testing.assert_close(folded(x), ref(x), rtol=1e-12, atol=1e-12)
 
 
 def test_calibrate_bn_computes_population_statistics():
