@@ -143,7 +143,12 @@ class FrozenBNClassifier(pl.LightningModule):
         datamodule = self.trainer.datamodule
         if datamodule is None:
             raise RuntimeError("calibrate_bn needs a LightningDataModule passed to `Trainer.fit(datamodule=...)`.")
-        batches = (batch[0].to(self.device) for batch in datamodule.train_dataloader())
+        # Each rank takes every world_size-th batch, so N batches per rank are N x world_size different
+        # batches in all (the loader here is the data module's own, not split by Lightning's sampler).
+        loader = datamodule.train_dataloader()
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        shard = world > 1 and len(loader) >= world
+        batches = (batch[0].to(self.device) for i, batch in enumerate(loader) if not shard or i % world == rank)
         count = calibrate_bn(self, batches, self.hparams.calibrate_bn, reduce=self.trainer.strategy.reduce)
         if self.hparams.fold:
             fold_frozen_batchnorm(self.backbone)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -5,7 +7,7 @@ from conftest import quiet_trainer, randomize_bn, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_frozenbn import FrozenBNClassifier, FrozenModuleGuard
+from lightning_frozenbn import FrozenBNClassifier, FrozenModuleGuard, calibrate_bn
 
 trainer = quiet_trainer
 
@@ -125,6 +127,62 @@ def test_calibrate_bn_runs_before_the_guard_takes_its_reference(tmp_path):
     assert not torch.equal(before, after)  # calibrated (random init starts at var=1)
     assert guard.epochs_verified == 2  # a reference taken before calibration would have raised
     assert isinstance(model.backbone.layer2[0].conv1, __import__("lightning_frozenbn").FoldedConv2d)  # refolded
+
+
+def test_calibration_is_not_repeated_on_resume(tmp_path):
+    """Resuming keeps the checkpoint's calibrated statistics: recalibrating would move guarded frozen
+    tensors (the guard would stop the run) and change the function mid-training."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model = FrozenBNClassifier(num_classes=4, arch="resnet18", calibrate_bn=3)
+    trainer(tmp_path, callbacks=[FrozenModuleGuard(), ckpt], max_epochs=1, enable_checkpointing=True).fit(
+        model, datamodule=TinyData()
+    )
+    saved = torch.load(ckpt.last_model_path, weights_only=True)["state_dict"]
+    resumed = FrozenBNClassifier(num_classes=4, arch="resnet18", calibrate_bn=3)
+    guard = FrozenModuleGuard()
+    trainer(tmp_path, callbacks=[guard], max_epochs=2).fit(
+        resumed, datamodule=ShiftedData(), ckpt_path=ckpt.last_model_path
+    )
+    assert guard.epochs_verified == 2
+    for name, value in resumed.state_dict().items():
+        if name.endswith(("running_mean", "running_var")):
+            assert torch.equal(value, saved[name]), name
+
+
+class ShiftedData(TinyData):
+    """Other data than the first fit's: a recalibration would give other statistics."""
+
+    def train_dataloader(self):
+        loader = tiny_loader(n=32, batch_size=8, seed=5)
+        loader.dataset.tensors[0].mul_(3).add_(1)
+        return loader
+
+
+class OrderedData(TinyData):
+    def train_dataloader(self):
+        return tiny_loader(n=64, batch_size=8, seed=3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300, method="thread")
+def test_calibration_under_ddp_uses_different_batches_per_rank_and_sums_them(tmp_path):
+    """2 CPU processes, calibrate_bn=2 each: rank 0 sees batches 0 and 2, rank 1 batches 1 and 3, and the
+    statistics (summed over ranks) equal one process's calibration on batches 0..3."""
+    torch.manual_seed(0)
+    model = FrozenBNClassifier(num_classes=4, arch="resnet18", calibrate_bn=2, freeze_at=5)
+    reference = copy.deepcopy(model)
+    batches = [batch[0] for batch in OrderedData().train_dataloader()][:4]
+    calibrate_bn(reference, iter(batches), num_batches=4)
+    t = trainer(tmp_path, strategy="ddp_spawn", devices=2, max_steps=1)
+    t.fit(model, datamodule=OrderedData())
+    ours, theirs = model.state_dict(), reference.state_dict()
+    stats = [k for k in ours if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) == 2 * 20
+    for key in stats:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+    one_rank = copy.deepcopy(model)
+    calibrate_bn(one_rank, iter(batches[::2]), num_batches=2)  # what rank 0 alone would have computed
+    assert not torch.allclose(one_rank.state_dict()[stats[-1]], theirs[stats[-1]], rtol=1e-3)
 
 
 def test_fold_and_no_fold_give_the_same_loss_curve(tmp_path):

@@ -252,6 +252,45 @@ def test_calibrate_bn_computes_population_statistics():
         calibrate_bn(model, iter([]), num_batches=3)
 
 
+def test_calibrate_bn_through_several_layers_matches_a_float64_reference():
+    """Three frozen BN layers in a row (one behind a residual add): each layer's statistics are those of
+    its input while the layers before it normalise by batch statistics, as in training (precise BN)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(3, 6, 3, padding=1), FrozenBatchNorm2d(6)
+            self.c2, self.b2 = nn.Conv2d(6, 6, 3, padding=1, bias=False), FrozenBatchNorm2d(6)
+            self.c3, self.b3 = nn.Conv2d(6, 4, 1), FrozenBatchNorm2d(4)
+
+        def forward(self, x, bn=None):
+            bn = bn or (lambda layer, h: layer(h))
+            h = torch.relu(bn(self.b1, self.c1(x)))
+            h = torch.relu(bn(self.b2, self.c2(h)) + h)
+            return bn(self.b3, self.c3(h))
+
+    model = randomize_bn(Net())
+    reference = copy.deepcopy(model).double()
+    batches = [torch.randn(4, 3, 10, 10) * (i + 1) + i for i in range(4)]
+    inputs = {}
+
+    def batch_norm(layer, h):  # normalise by the batch, record what the layer saw
+        inputs.setdefault(layer, []).append(h.permute(1, 0, 2, 3).reshape(h.shape[1], -1))
+        return F.batch_norm(h, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
+
+    with torch.no_grad():
+        for b in batches:
+            reference(b.double(), batch_norm)
+    fold_frozen_batchnorm(model, pairs=[("c1", "b1"), ("c2", "b2"), ("c3", "b3")])
+    assert calibrate_bn(model, iter(batches), num_batches=4) == 3
+    for name in ("b1", "b2", "b3"):
+        seen = torch.cat(inputs[getattr(reference, name)], dim=1)
+        layer = getattr(model, name)
+        torch.testing.assert_close(layer.running_mean.double(), seen.mean(1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.running_var.double(), seen.var(1, unbiased=False), rtol=1e-5, atol=1e-6)
+
+
 @requires_gpu
 @pytest.mark.gpu
 def test_fold_on_cuda_bf16_keeps_dtype_and_matches():
