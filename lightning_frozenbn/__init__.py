@@ -3,11 +3,12 @@
 from lightning_frozenbn.backbone import ARCHS, NORMS, ResNetBackbone, ResNetHead, WeightsMismatchError, build_resnet
 from lightning_frozenbn.checkpoint import AtomicCheckpointIO, CheckpointError, ResumableCheckpoint
 from lightning_frozenbn.data import DataError, DigitsDataModule, ImageFolderDataModule, PredictionWriter
-from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, find_frozen_modules
+from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, find_frozen_modules, is_frozen_norm
 from lightning_frozenbn.module import FrozenBNClassifier
 from lightning_frozenbn.norm import (
     FoldedConv2d,
     FoldedFrozenBatchNorm2d,
+    FoldedFrozenBatchNormAct2d,
     StatsFrozenBatchNorm2d,
     calibrate_bn,
     convert_frozen_batchnorm,
@@ -29,6 +30,7 @@ __all__ = [
     "NORMS",
     "FoldedConv2d",
     "FoldedFrozenBatchNorm2d",
+    "FoldedFrozenBatchNormAct2d",
     "FrozenBNClassifier",
     "FrozenModuleGuard",
     "FrozenStateViolation",
@@ -41,6 +43,7 @@ __all__ = [
     "calibrate_bn",
     "convert_frozen_batchnorm",
     "find_frozen_modules",
+    "is_frozen_norm",
     "fold_frozen_batchnorm",
     "to_batchnorm",
     "unfold_frozen_batchnorm",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import zlib
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -16,7 +18,14 @@ from typing_extensions import override
 
 from lightning_frozenbn.norm import StatsFrozenBatchNorm2d
 
-__all__ = ["FrozenModuleGuard", "FrozenStateViolation", "GuardConfigError", "find_frozen_modules", "fingerprint"]
+__all__ = [
+    "FrozenModuleGuard",
+    "FrozenStateViolation",
+    "GuardConfigError",
+    "find_frozen_modules",
+    "fingerprint",
+    "is_frozen_norm",
+]
 
 OnViolation = Literal["raise", "warn", "restore"]
 # Layers whose forward depends on train/eval mode (FrozenBatchNorm2d's does not, so it needs no hook).
@@ -25,9 +34,9 @@ _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 
 
 def _keep_eval(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook: a guarded module always runs in eval mode, whoever called ``.train()``."""
+    """Forward pre-hook on a guarded BN/Dropout layer: it always runs in eval mode, whoever called ``.train()``."""
     if module.training:
-        module.eval()
+        module.training = False
 
 
 class GuardConfigError(ValueError):
@@ -63,13 +72,37 @@ def fingerprint(tensors: list[Tensor]) -> Tensor:
     return torch.stack(rows)
 
 
+def is_frozen_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a frozen normalisation layer, recognised by what it is rather than by one class.
+
+    The rule: torchvision's ``FrozenBatchNorm2d`` (and subclasses), or any module that is not a torch
+    ``_BatchNorm``, holds ``running_mean`` and ``running_var`` buffers of its own, and has no parameter
+    that requires grad. That covers timm's ``FrozenBatchNorm2d``/``FrozenBatchNormAct2d``, detectron2's
+    ``FrozenBatchNorm2d`` and a user's own (statistics and affine map kept as buffers). A torch BatchNorm
+    whose affine parameters are frozen is found by the frozen-submodule rule instead; one with
+    ``affine=False`` and no frozen marker is a BN that trains its statistics, so it is left alone.
+    """
+    if isinstance(module, FrozenBatchNorm2d):
+        return True
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    buffers = dict(module.named_buffers(recurse=False))
+    if buffers.get("running_mean") is None or buffers.get("running_var") is None:
+        return False
+    return not any(p.requires_grad for p in module.parameters(recurse=False))
+
+
 def find_frozen_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every maximal submodule whose parameters all have ``requires_grad=False``, plus every FrozenBatchNorm2d."""
+    """Every maximal submodule whose parameters all have ``requires_grad=False``, plus every frozen norm layer.
+
+    Frozen norm layers are those :func:`is_frozen_norm` recognises (torchvision's, timm's, detectron2's
+    or a user's own frozen BN), inside trainable modules too.
+    """
     found: dict[str, nn.Module] = {}
 
     def visit(module: nn.Module, name: str) -> None:
         params = list(module.parameters())
-        if (params and not any(p.requires_grad for p in params)) or isinstance(module, FrozenBatchNorm2d):
+        if (params and not any(p.requires_grad for p in params)) or is_frozen_norm(module):
             found[name] = module
             return
         for child_name, child in module.named_children():
@@ -80,7 +113,7 @@ def find_frozen_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class FrozenModuleGuard(Callback):
-    r"""Keep frozen modules in eval mode and prove every epoch that their tensors are bit-identical.
+    r"""Keep frozen modules in eval mode and prove that their tensors stay bit-identical.
 
     Works on any LightningModule. ``requires_grad_(False)`` does not stop a BatchNorm from updating its
     running statistics, and any ``model.train()`` flips frozen modules back to train mode; an
@@ -88,25 +121,38 @@ class FrozenModuleGuard(Callback):
     weights silently. This callback:
 
     * finds the frozen modules (``modules`` if given, else every maximal submodule whose parameters
-      are all frozen, plus every FrozenBatchNorm2d) and logs a freeze report when training starts;
+      are all frozen, plus every frozen norm layer, see :func:`is_frozen_norm`) and logs a freeze
+      report when training starts;
     * puts them in eval mode at ``on_train_start`` (after Lightning's "modules in eval mode" check, so
       that warning is not raised for them) and again at the start of every epoch and every training
       batch. The start of a training batch is the last point a *callback hook* can act, so during fit
-      the guard also installs a forward pre-hook on each frozen module that switches it back to eval
-      right before it runs: even a ``self.train()`` inside ``training_step`` cannot put a frozen BN in
-      train mode. The hooks are removed at ``teardown``;
-    * keeps an exact copy of every frozen parameter and buffer and, after every training epoch,
-      checks each bit for bit; under DDP it also checks that all ranks hold the same frozen state.
-      A change is reported with the tensor's name, the max abs difference, the number of changed
-      elements and the rank. The decision is reduced over ranks, so every rank stops together;
-    * stores checksums of the *original* reference in the checkpoint, so a resumed run is verified
-      against the state at the start of the first fit, not against whatever it resumed from.
+      the guard also installs a forward pre-hook on each frozen BN/Dropout layer that switches it back
+      to eval right before it runs: even a ``self.train()`` inside ``training_step`` cannot put a frozen
+      BN in train mode. The hooks are removed at ``teardown``;
+    * keeps an exact copy of every frozen parameter and buffer and checks each bit for bit after every
+      training epoch, every ``every_n_train_steps`` steps if set, and when training ends; under DDP it
+      also checks that all ranks hold the same frozen state. A change is reported with the tensor's
+      name, the max abs difference, the number of changed elements and the rank. The decision is
+      reduced over ranks, so every rank stops together;
+    * lets tensors go deliberately: when a ``BaseFinetuning`` callback (``BackboneFinetuning`` or a
+      subclass) unfreezes modules and gives their parameters to the optimizer, or when user code calls
+      :meth:`release`, they are verified one last time and then no longer guarded (nor kept in eval).
+      :meth:`protect` does the reverse for modules frozen mid-run. A ``requires_grad`` switched on by
+      anything else is a violation;
+    * stores checksums of the *original* reference (and the released and protected sets) in the
+      checkpoint, so a resumed run is verified against the state at the start of the first fit.
+
+    Sharded strategies (FSDP, DeepSpeed, ModelParallel) are refused at setup: each rank holds only
+    shards of the parameters there, so neither the bit-for-bit copy nor the cross-rank comparison means
+    what it says. Frozen BN needs no synchronisation, so DDP is the strategy for this recipe.
 
     Args:
         modules: names of the submodules to guard (``"backbone.layer1"``); None finds them.
         on_violation: ``"raise"`` stops training (all ranks) with the report, ``"warn"`` logs it and
             goes on, ``"restore"`` copies the reference values back and logs what it restored.
         check_ranks: under DDP, also prove that all ranks hold the same frozen state.
+        every_n_train_steps: also verify every this many optimizer steps (0: at epoch ends only). For
+            long or endless epochs (streaming data, ``max_epochs=-1``). Between checks the cost is zero.
 
     Memory: the reference copy takes as much memory as the frozen tensors (for a ResNet-50 with
     freeze_at=2 about 1 MB; the whole trunk, freeze_at=5, about 94 MB).
@@ -117,6 +163,7 @@ class FrozenModuleGuard(Callback):
         modules: list[str] | None = None,
         on_violation: OnViolation = "raise",
         check_ranks: bool = True,
+        every_n_train_steps: int = 0,
     ) -> None:
         if on_violation not in ("raise", "warn", "restore"):
             raise GuardConfigError(
@@ -128,22 +175,35 @@ class FrozenModuleGuard(Callback):
                 f"FrozenModuleGuard(modules={modules!r}): expected a list of submodule names such as "
                 "['backbone.conv1', 'backbone.layer1'], or None to find the frozen modules."
             )
+        if isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int) or every_n_train_steps < 0:
+            raise GuardConfigError(
+                f"FrozenModuleGuard(every_n_train_steps={every_n_train_steps!r}): expected an integer >= 0 "
+                "(0 = verify at the end of every epoch only)."
+            )
         self.modules = list(modules) if modules is not None else None
         self.on_violation = on_violation
         self.check_ranks = check_ranks
+        self.every_n_train_steps = every_n_train_steps
         self._frozen: dict[str, nn.Module] = {}
         self._eval_modules: list[nn.Module] = []
         self._tensors: dict[str, Tensor] = {}
         self._frozen_params: dict[str, nn.Parameter] = {}
+        self._owners: dict[str, nn.Module] = {}
         self._reference: dict[str, Tensor] = {}
         self._reference_checksums: dict[str, list[int]] = {}
         self._loaded_checksums: dict[str, list[int]] | None = None
+        self._released: dict[str, int] = {}  # tensor name -> epoch of release
+        self._protected: dict[str, int] = {}  # module name -> epochs verified when protect() was called
         self._epochs_verified = 0
         self._reapplied_eval = 0
-        self._hooks: list[Any] = []
+        self._last_verified_step = -1
+        self._hooks: dict[nn.Module, Any] = {}
         self._before_resume: dict[str, Tensor] = {}
         self._load_hook: Any = None
         self._unrecoverable: list[str] = []
+        self._trainer: pl.Trainer | None = None
+        self._wrapped: list[BaseFinetuning] = []
+        self._releasing: set[str] = set()
 
     @property
     @override
@@ -153,63 +213,100 @@ class FrozenModuleGuard(Callback):
     # ---- discovery ---------------------------------------------------------------------------
     def _resolve(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
         if self.modules is None:
-            return find_frozen_modules(pl_module)
+            found = find_frozen_modules(pl_module)
+        else:
+            found = {name: self._named_frozen_module(pl_module, name, "modules=...") for name in self.modules}
+        for name in self._protected:
+            if not any(name == n or name.startswith(f"{n}.") for n in found):
+                found[name] = self._named_frozen_module(pl_module, name, "protect(...)")
+        return found
+
+    @staticmethod
+    def _named_frozen_module(pl_module: nn.Module, name: str, where: str) -> nn.Module:
         names = [n for n, _ in pl_module.named_modules() if n]
-        resolved = {}
-        for name in self.modules:
-            if name not in names:
-                close = difflib.get_close_matches(name, names, n=3)
-                hint = f" Close matches: {', '.join(close)}." if close else ""
-                raise GuardConfigError(
-                    f"FrozenModuleGuard(modules=...) names {name!r}, which is not a submodule of "
-                    f"{type(pl_module).__name__}.{hint} Use names from `model.named_modules()`, or pass "
-                    "modules=None to find the frozen modules automatically."
-                )
-            module = pl_module.get_submodule(name)
-            trainable = [n for n, p in module.named_parameters() if p.requires_grad]
-            if trainable:
-                raise GuardConfigError(
-                    f"FrozenModuleGuard(modules=...) names {name!r}, but it has {len(trainable)} trainable "
-                    f"parameters ({', '.join(trainable[:3])}...): the optimizer would change them every "
-                    f"step. Freeze it first (`{name}.requires_grad_(False)`) or leave it out of `modules`."
-                )
-            if not list(module.parameters()) and not list(module.buffers()):
-                raise GuardConfigError(
-                    f"FrozenModuleGuard(modules=...) names {name!r}, which has no parameters or buffers, so "
-                    "there is nothing frozen to guard. Name the module that holds the frozen weights."
-                )
-            resolved[name] = module
-        return resolved
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f" Close matches: {', '.join(close)}." if close else ""
+            raise GuardConfigError(
+                f"FrozenModuleGuard({where}) names {name!r}, which is not a submodule of "
+                f"{type(pl_module).__name__}.{hint} Use names from `model.named_modules()`, or pass "
+                "modules=None to find the frozen modules automatically."
+            )
+        module = pl_module.get_submodule(name)
+        trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+        if trainable:
+            raise GuardConfigError(
+                f"FrozenModuleGuard({where}) names {name!r}, but it has {len(trainable)} trainable "
+                f"parameters ({', '.join(trainable[:3])}...): the optimizer would change them every "
+                f"step. Freeze it first (`{name}.requires_grad_(False)`) or leave it out."
+            )
+        if not list(module.parameters()) and not list(module.buffers()):
+            raise GuardConfigError(
+                f"FrozenModuleGuard({where}) names {name!r}, which has no parameters or buffers, so "
+                "there is nothing frozen to guard. Name the module that holds the frozen weights."
+            )
+        return module
 
     def _collect(self, pl_module: pl.LightningModule) -> None:
+        """Gather the guarded tensors and the modules kept in eval, leaving out released tensors."""
         self._frozen = self._resolve(pl_module)
-        self._eval_modules = [m for module in self._frozen.values() for m in module.modules()]
         tensors: dict[str, Tensor] = {}
         params: dict[str, nn.Parameter] = {}
-        for name, module in self._frozen.items():
-            for key, p in module.named_parameters(prefix=name):
-                tensors[key], params[key] = p, p
-            for key, b in module.named_buffers(prefix=name):
-                tensors[key] = b
+        owners: dict[str, nn.Module] = {}
+        eval_modules: list[nn.Module] = []
+        for root_name, root in self._frozen.items():
+            for sub_name, module in root.named_modules(prefix=root_name):
+                own = [
+                    (f"{sub_name}.{k}" if sub_name else k, t, True) for k, t in module.named_parameters(recurse=False)
+                ]
+                own += [
+                    (f"{sub_name}.{k}" if sub_name else k, t, False) for k, t in module.named_buffers(recurse=False)
+                ]
+                kept = [(n, t, is_param) for n, t, is_param in own if n not in self._released and t is not None]
+                if own and not kept:
+                    continue  # released as a whole: it trains as its owner intends
+                eval_modules.append(module)
+                for name, t, is_param in kept:
+                    tensors[name], owners[name] = t, module
+                    if is_param:
+                        params[name] = t
         # norm="eval": trainable affine, but the statistics are frozen too.
         for name, module in pl_module.named_modules():
             if isinstance(module, StatsFrozenBatchNorm2d):
-                tensors.setdefault(f"{name}.running_mean", module.running_mean)
-                tensors.setdefault(f"{name}.running_var", module.running_var)
-        self._tensors, self._frozen_params = tensors, params
+                for key in ("running_mean", "running_var"):
+                    if f"{name}.{key}" not in self._released:
+                        tensors.setdefault(f"{name}.{key}", getattr(module, key))
+                        owners.setdefault(f"{name}.{key}", module)
+        self._tensors, self._frozen_params, self._owners, self._eval_modules = tensors, params, owners, eval_modules
+
+    def _install_hooks(self) -> None:
+        self._remove_hooks()
+        self._hooks = {
+            m: m.register_forward_pre_hook(_keep_eval) for m in self._eval_modules if isinstance(m, _MODE_SENSITIVE)
+        }
 
     # ---- hooks -------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        strategy = getattr(trainer, "strategy", None)
+        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+            raise GuardConfigError(
+                f"FrozenModuleGuard does not support {type(strategy).__name__}: it shards parameters across "
+                "ranks, so a bit-for-bit copy and a cross-rank comparison of the frozen state would not mean "
+                "what they say. Frozen BN needs no synchronisation: use DDP (`--config configs/ddp.yaml`, or "
+                "`strategy: ddp`), or remove the guard (`--guard null`) for this strategy."
+            )
         self._resolve(pl_module)  # fail fast on bad `modules` names, before any work
+        self._trainer = trainer
         self._before_resume = {}
         self._remove_load_hook()
         # The checkpoint stores checksums, not values. When Lightning loads a checkpoint into the model
         # (a resume), keep the frozen tensors as the model was built just before: if a resumed tensor
         # was tampered with, these are its original values whenever their checksum matches the stored one.
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._keep_values_before_load)
+        self._wrap_finetuning_callbacks(trainer)
 
     def _keep_values_before_load(self, module: nn.Module, *args: Any) -> None:
         self._collect(module)
@@ -219,6 +316,29 @@ class FrozenModuleGuard(Callback):
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
+
+    def _wrap_finetuning_callbacks(self, trainer: pl.Trainer | None) -> None:
+        """Watch each BaseFinetuning callback's epoch-start hook, where it unfreezes modules.
+
+        Wrapping the hook (rather than looking afterwards) attributes each unfreeze to its callback and
+        works whichever order the callbacks are listed in.
+        """
+        self._unwrap_finetuning_callbacks()
+        for callback in getattr(trainer, "callbacks", None) or []:
+            if isinstance(callback, BaseFinetuning):
+                original = callback.on_train_epoch_start
+
+                def watched(tr: pl.Trainer, module: pl.LightningModule, _cb=callback, _orig=original) -> None:
+                    _orig(tr, module)
+                    self._after_finetuning(tr, module, type(_cb).__name__)
+
+                callback.on_train_epoch_start = watched  # type: ignore[method-assign]
+                self._wrapped.append(callback)
+
+    def _unwrap_finetuning_callbacks(self) -> None:
+        for callback in self._wrapped:
+            vars(callback).pop("on_train_epoch_start", None)
+        self._wrapped = []
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -230,14 +350,10 @@ class FrozenModuleGuard(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_load_hook()
+        self._trainer = trainer
         self._collect(pl_module)
         self._set_eval()
-        self._remove_hooks()
-        self._hooks = [
-            module.register_forward_pre_hook(_keep_eval)
-            for module in self._frozen.values()
-            if any(isinstance(m, _MODE_SENSITIVE) for m in module.modules())
-        ]
+        self._install_hooks()
         current = dict(zip(self._tensors, fingerprint(list(self._tensors.values())).tolist()))
         self._reference = {name: t.detach().clone() for name, t in self._tensors.items()}
         problems = self._compare_with_checkpoint(current) if self._loaded_checksums is not None else []
@@ -262,6 +378,14 @@ class FrozenModuleGuard(Callback):
         self._set_eval()
 
     @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self._last_verified_step:
+            self._verify(trainer, f"global step {step} (epoch {trainer.current_epoch}, batch {batch_idx})")
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._reapplied_eval:
             rank_zero_info(
@@ -271,19 +395,189 @@ class FrozenModuleGuard(Callback):
         self._verify(trainer, f"epoch {trainer.current_epoch}", epoch_end=True)
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # An epoch cut short by max_steps (or an endless one) never reaches on_train_epoch_end:
+        # the final state is proven here unless it was just verified at this very step.
+        if trainer.global_step != self._last_verified_step:
+            self._verify(trainer, f"the end of training (global step {trainer.global_step})")
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
         self._remove_load_hook()
+        self._unwrap_finetuning_callbacks()
         self._before_resume = {}
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"reference_checksums": self._reference_checksums, "epochs_verified": self._epochs_verified}
+        return {
+            "reference_checksums": self._reference_checksums,
+            "epochs_verified": self._epochs_verified,
+            "released": dict(self._released),
+            "protected": dict(self._protected),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_checksums = state_dict.get("reference_checksums")
         self._epochs_verified = state_dict.get("epochs_verified", 0)
+        self._released = dict(state_dict.get("released", {}))
+        self._protected = dict(state_dict.get("protected", {}))
+
+    # ---- deliberate changes to the guarded set -----------------------------------------------
+    def release(self, *names: str, by: str = "user code") -> list[str]:
+        """Stop guarding the tensors under ``names`` (module or tensor names), deliberately.
+
+        Use it where your own code unfreezes part of a frozen model mid-run, right before it does::
+
+            guard.release("backbone.layer4")
+            pl_module.backbone.layer4.requires_grad_(True)   # and give them to the optimizer
+
+        The tensors are verified bit-identical one last time (all ranks: call it on every rank, like
+        any hook code), then no longer guarded nor kept in eval mode; BN layers among them go back to
+        the LightningModule's mode. One info line names them, the epoch and how long they were
+        verified. The released set is saved in the checkpoint.
+
+        Returns:
+            The released tensor names.
+
+        Raises:
+            GuardConfigError: no guarded tensor matches one of ``names``.
+        """
+        selected = []
+        for name in names:
+            matches = [t for t in self._tensors if t == name or t.startswith(f"{name}.")]
+            if not matches:
+                gone = [e for r, e in self._released.items() if r == name or r.startswith(f"{name}.")]
+                prefixes = {".".join(t.split(".")[:i]) for t in self._tensors for i in range(1, t.count(".") + 2)}
+                close = difflib.get_close_matches(name, sorted(prefixes), n=3)
+                hint = f" It was released at epoch {gone[0]}." if gone else ""
+                hint += f" Close matches: {', '.join(close)}." if close else ""
+                raise GuardConfigError(
+                    f"FrozenModuleGuard.release({name!r}): no guarded tensor is named so or lies under it.{hint} "
+                    "Guarded tensors are listed by `guard.frozen_tensor_names` once training has started."
+                )
+            selected += [m for m in matches if m not in selected]
+        self._release(selected, by)
+        return selected
+
+    def protect(self, *names: str) -> list[str]:
+        """Start guarding the modules ``names`` (frozen mid-run by your code), with a reference taken now.
+
+        The modules must already be frozen (every parameter ``requires_grad=False``). From now on they
+        are kept in eval mode and verified like the rest; a released tensor under them is guarded again.
+
+        Returns:
+            The newly guarded tensor names.
+        """
+        pl_module = self._trainer.lightning_module if self._trainer is not None else None
+        if pl_module is None:
+            raise GuardConfigError("FrozenModuleGuard.protect() works during fit, once training has started.")
+        for name in names:
+            self._named_frozen_module(pl_module, name, "protect(...)")
+        before = set(self._tensors)
+        for name in names:
+            self._protected[name] = self._epochs_verified
+            for released in [r for r in self._released if r == name or r.startswith(f"{name}.")]:
+                del self._released[released]
+        self._collect(pl_module)
+        added = [n for n in self._tensors if n not in before]
+        for name in added:
+            self._reference[name] = self._tensors[name].detach().clone()
+        self._reference_checksums.update(
+            dict(zip(added, fingerprint([self._tensors[n] for n in added]).tolist())) if added else {}
+        )
+        self._set_eval()
+        self._install_hooks()
+        rank_zero_info(
+            f"FrozenModuleGuard: now guarding {', '.join(names)} ({len(added)} tensors, reference taken at epoch "
+            f"{self._trainer.current_epoch})."
+        )
+        return added
+
+    def _after_finetuning(self, trainer: pl.Trainer, pl_module: pl.LightningModule, by: str) -> None:
+        """Release what a BaseFinetuning callback just unfroze and gave to an optimizer."""
+        switched = [n for n, p in self._frozen_params.items() if p.requires_grad]
+        if trainer.strategy.reduce_boolean_decision(not switched, all=True):
+            return  # nothing unfrozen on any rank
+        in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        released = [n for n in switched if id(self._frozen_params[n]) in in_optimizer]
+        held = [n for n in switched if n not in released]
+        for name in held:
+            # BaseFinetuning's unfreeze(train_bn=False) switches BN parameters on but gives them to no
+            # optimizer: they cannot train, so they stay frozen (flag off again) and guarded.
+            self._frozen_params[name].requires_grad_(False)
+        if held:
+            rank_zero_info(
+                f"FrozenModuleGuard: {by} switched requires_grad on for {len(held)} parameters without giving "
+                f"them to an optimizer (e.g. BatchNorm with train_bn=False): they stay frozen, guarded and in "
+                f"eval mode ({', '.join(held[:3])}{' ...' if len(held) > 3 else ''})."
+            )
+        released_set = set(released)
+        # A layer whose parameters are all released trains as a whole: its buffers (BN statistics) go too.
+        for name, owner in list(self._owners.items()):
+            if name in self._frozen_params:
+                continue
+            owned = [n for n, o in self._owners.items() if o is owner and n in self._frozen_params]
+            if owned and all(n in released_set for n in owned):
+                released.append(name)
+        self._release(released, by)
+
+    def _release(self, names: list[str], by: str) -> None:
+        trainer = self._trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        if trainer is not None:
+            self._check_same_names(trainer, names, "released")
+            if names:  # their requires_grad is on by now, deliberately: check only their values
+                self._releasing = set(names)
+                try:
+                    self._verify(trainer, f"epoch {epoch}, before {by} released {len(names)} tensors")
+                finally:
+                    self._releasing = set()
+        if not names:
+            return
+        owners = {id(self._owners[n]): self._owners[n] for n in names}
+        for name in names:
+            for table in (self._tensors, self._frozen_params, self._owners, self._reference, self._reference_checksums):
+                table.pop(name, None)
+            self._released[name] = epoch
+        still = {id(o) for o in self._owners.values()}
+        mode = trainer.lightning_module.training if trainer is not None else True
+        freed = [o for key, o in owners.items() if key not in still]
+        for module in freed:
+            module.train(mode)  # it trains as its owner intends: BN statistics update again if tracked
+            handle = self._hooks.pop(module, None)
+            if handle is not None:
+                handle.remove()
+        self._eval_modules = [m for m in self._eval_modules if all(m is not f for f in freed)]
+        shown = _summarise(names)
+        rank_zero_info(
+            f"FrozenModuleGuard: {by} released {len(names)} tensors at epoch {epoch} ({shown}); verified "
+            f"bit-identical for {self._epochs_verified} epochs up to the release. {len(self._tensors)} tensors "
+            "stay guarded."
+        )
+
+    def _check_same_names(self, trainer: pl.Trainer, names: list[str], what: str) -> None:
+        """Under DDP, every rank must guard (or release) the same tensors: else stop, naming the ranks."""
+        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        digest = zlib.crc32("\n".join(sorted(names)).encode()) & 0x7FFFFFFF
+        mine = torch.tensor([digest], dtype=torch.int64, device=trainer.strategy.root_device)
+        gathered = trainer.strategy.all_gather(mine).flatten().tolist()
+        if len(set(gathered)) == 1:
+            return
+        everyone: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(everyone, sorted(names))
+        lines = [
+            f"  rank {r}: {len(n)} tensors {what}, differs from rank 0 in "
+            f"{', '.join(sorted(set(n) ^ set(everyone[0]))[:5])}"
+            for r, n in enumerate(everyone)
+            if r and n != everyone[0]
+        ]
+        raise FrozenStateViolation(
+            f"FrozenModuleGuard: the ranks do not agree on the {what} tensors:\n" + "\n".join(lines) + "\nEvery "
+            "rank must freeze, unfreeze and release the same modules at the same point (rank-dependent code?)."
+        )
 
     # ---- internals ---------------------------------------------------------------------------
     @property
@@ -296,10 +590,15 @@ class FrozenModuleGuard(Callback):
         """Names of the guarded tensors (valid after training started)."""
         return list(self._tensors)
 
+    @property
+    def released_tensor_names(self) -> list[str]:
+        """Names of the tensors released deliberately (by a BaseFinetuning callback or :meth:`release`)."""
+        return list(self._released)
+
     def _remove_hooks(self) -> None:
-        for handle in self._hooks:
+        for handle in self._hooks.values():
             handle.remove()
-        self._hooks = []
+        self._hooks = {}
 
     def _set_eval(self) -> None:
         flipped = False
@@ -354,17 +653,21 @@ class FrozenModuleGuard(Callback):
                 )
                 lines.append(f"{name}: {changed} of {ref.numel()} elements changed, max |diff| = {diff:.3g}")
         lines += [
-            f"{name}: requires_grad was switched back on" for name, p in self._frozen_params.items() if p.requires_grad
+            f"{name}: requires_grad was switched back on"
+            for name, p in self._frozen_params.items()
+            if p.requires_grad and name not in self._releasing
         ]
         return lines
 
     def _verify(
         self, trainer: pl.Trainer, when: str, problems: list[str] | None = None, epoch_end: bool = False
     ) -> None:
+        self._last_verified_step = trainer.global_step
         local = (problems or []) + self._local_changes()
         rank, world = trainer.global_rank, trainer.world_size
         diverged: list[str] = []
         if world > 1 and self.check_ranks:
+            self._check_same_names(trainer, list(self._tensors), "guarded")  # same shapes for the gather
             device = next(iter(self._tensors.values())).device if self._tensors else torch.device("cpu")
             mine = fingerprint(list(self._tensors.values())).to(device)
             gathered = trainer.strategy.all_gather(mine)
@@ -432,8 +735,30 @@ class FrozenModuleGuard(Callback):
         extra = (
             f"\n  + running stats of {stats_frozen} StatsFrozenBatchNorm2d layers (norm='eval')" if stats_frozen else ""
         )
+        untracked = [
+            m
+            for m in self._eval_modules
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
+        ]
+        if untracked:
+            extra += (
+                f"\n  note: {len(untracked)} frozen BatchNorm layers have track_running_stats=False (as "
+                "BaseFinetuning.freeze(train_bn=False) sets it): in train mode they would normalise with each "
+                "batch's statistics; under the guard they run in eval mode with their running statistics."
+            )
+        if self._released:
+            released = _summarise(list(self._released))
+            extra += f"\n  not guarded: {len(self._released)} tensors released at earlier epochs ({released})"
         rank_zero_info(
             f"FrozenModuleGuard: guarding {len(self._tensors)} frozen tensors in {len(self._frozen)} modules; "
             f"put them in eval mode at train start (Lightning's eval-mode warning does not apply to these).\n"
             f"  {'module':<32} {'type':<24} {'params':>11} {'buffers':>10}  mode\n" + "\n".join(rows) + extra
         )
+
+
+def _summarise(names: list[str], limit: int = 4) -> str:
+    """Tensor names shortened to their modules: ``backbone.0, backbone.1 ... (12 modules)``."""
+    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
+    tops = list(dict.fromkeys(m.split(".", 2)[0] if m.count(".") < 2 else ".".join(m.split(".")[:2]) for m in modules))
+    shown = ", ".join(tops[:limit]) + (" ..." if len(tops) > limit else "")
+    return f"{shown}: {len(modules)} modules"

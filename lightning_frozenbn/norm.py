@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -9,8 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "FoldedConv2d",
+    "FoldedFrozenBatchNormAct2d",
     "calibrate_bn",
     "FoldedFrozenBatchNorm2d",
     "StatsFrozenBatchNorm2d",
@@ -61,6 +66,43 @@ class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.weight.shape[0]}, eps={self.eps}, folded into the conv)"
+
+
+class FoldedFrozenBatchNormAct2d(FoldedFrozenBatchNorm2d):
+    """timm's ``FrozenBatchNormAct2d`` with its affine map folded into the conv: only ``act(drop(x))`` is left.
+
+    timm's layer computes torchvision's frozen affine map and then its dropout and activation, so the
+    affine part folds exactly like :class:`FoldedFrozenBatchNorm2d` and the rest runs here. Same buffers
+    and submodules, so the same state-dict keys; :func:`unfold_frozen_batchnorm` gives timm's layer back.
+    """
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__(source.weight.shape[0], source.eps)
+        self.drop, self.act = source.drop, source.act
+        object.__setattr__(self, "_source_type", copy.deepcopy(source))  # a template, to unfold into
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Dropout and activation of timm's layer; the preceding :class:`FoldedConv2d` did the affine map."""
+        return self.act(self.drop(x))
+
+    def unfolded(self) -> nn.Module:
+        """Timm's ``FrozenBatchNormAct2d`` holding this layer's buffers and submodules."""
+        layer = copy.deepcopy(self._source_type)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            setattr(layer, name, getattr(self, name))
+        layer.drop, layer.act = self.drop, self.act
+        return layer
+
+
+def _is_timm_frozen_bn_act(module: nn.Module) -> bool:
+    """Timm's FrozenBatchNormAct2d: torchvision's frozen affine map, then ``act(drop(x))`` (timm.layers.norm_act)."""
+    cls = type(module)
+    return cls.__name__ == "FrozenBatchNormAct2d" and cls.__module__.startswith("timm.") and hasattr(module, "act")
+
+
+def _is_foldable_norm(module: nn.Module) -> bool:
+    """Frozen norm layers whose arithmetic is known exactly: torchvision's FrozenBatchNorm2d and timm's Act variant."""
+    return type(module) is FrozenBatchNorm2d or _is_timm_frozen_bn_act(module)
 
 
 class FoldedConv2d(nn.Conv2d):
@@ -261,12 +303,12 @@ class _LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps FrozenBatchNorm2d (a torchvision module, not torch.nn) as one call."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        norm_layer = isinstance(m, (FrozenBatchNorm2d, nn.modules.batchnorm._BatchNorm))
+        norm_layer = isinstance(m, (FrozenBatchNorm2d, nn.modules.batchnorm._BatchNorm)) or _is_foldable_norm(m)
         return norm_layer or super().is_leaf_module(m, module_qualified_name)
 
 
 def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
-    """Find ``(conv, bn)`` module names where a Conv2d's output feeds only a FrozenBatchNorm2d.
+    """Find ``(conv, bn)`` module names where a Conv2d's output feeds only a foldable frozen norm layer.
 
     Traced with torch.fx so the pairing comes from the real data flow, not from naming habits.
     """
@@ -284,7 +326,7 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], FrozenBatchNorm2d):
+        if node.op != "call_module" or not _is_foldable_norm(modules[node.target]):
             continue
         src = node.args[0] if node.args else None
         if (
@@ -305,11 +347,16 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def fold_frozen_batchnorm(module: nn.Module, pairs: list[tuple[str, str]] | None = None) -> nn.Module:
-    """Fold every ``Conv2d -> FrozenBatchNorm2d`` pair of ``module`` into one convolution, in place.
+    """Fold every ``Conv2d -> frozen BN`` pair of ``module`` into one convolution, in place.
 
-    Parameters and buffers are shared, not copied, so state-dict keys and values, optimizer
-    references and the guard's fingerprints are unchanged. BatchNorm2d layers (norm "eval", "train",
-    "sync") are left alone: their statistics or affine map change during training.
+    Folded are the frozen norm layers whose arithmetic is known exactly: torchvision's
+    FrozenBatchNorm2d (also what timm's ``freeze_batch_norm_2d`` puts in place of a BatchNorm2d) and
+    timm's FrozenBatchNormAct2d (its affine map folds; its activation stays, see
+    :class:`FoldedFrozenBatchNormAct2d`). Parameters and buffers are shared, not copied, so
+    state-dict keys and values, optimizer references and the guard's fingerprints are unchanged.
+    BatchNorm2d layers (norm "eval", "train", "sync") are left alone: their statistics or affine map
+    change during training. Frozen norm layers that are not fed by a convolution alone, or of another
+    class, are left as they are and counted in a log line (logger ``lightning_frozenbn.norm``).
 
     Args:
         module: any model; its conv/BN pairs are found by tracing it with torch.fx.
@@ -318,28 +365,37 @@ def fold_frozen_batchnorm(module: nn.Module, pairs: list[tuple[str, str]] | None
     Returns:
         ``module``, edited in place.
     """
+    foldable = [n for n, m in module.named_modules() if _is_foldable_norm(m)]
     if pairs is None:
-        has_frozen = any(type(m) is FrozenBatchNorm2d for m in module.modules())
-        pairs = _conv_bn_pairs(module) if has_frozen else []
+        pairs = _conv_bn_pairs(module) if foldable else []
     modules = dict(module.named_modules())
     for conv_name, bn_name in pairs:
         conv, bn = modules.get(conv_name), modules.get(bn_name)
-        if type(conv) is not nn.Conv2d or type(bn) is not FrozenBatchNorm2d:
+        if type(conv) is not nn.Conv2d or not _is_foldable_norm(bn):
             raise ValueError(
-                f"Cannot fold ({conv_name!r}, {bn_name!r}): expected an nn.Conv2d and a FrozenBatchNorm2d, "
-                f"found {type(conv).__name__} and {type(bn).__name__}."
+                f"Cannot fold ({conv_name!r}, {bn_name!r}): expected an nn.Conv2d and a FrozenBatchNorm2d (or "
+                f"timm's FrozenBatchNormAct2d), found {type(conv).__name__} and {type(bn).__name__}."
             )
         if conv.out_channels != bn.weight.shape[0]:
             raise ValueError(
                 f"Cannot fold ({conv_name!r}, {bn_name!r}): the conv has {conv.out_channels} output "
                 f"channels but the BN normalises {bn.weight.shape[0]}."
             )
-        folded_bn = FoldedFrozenBatchNorm2d(bn.weight.shape[0], bn.eps)
+        if _is_timm_frozen_bn_act(bn):
+            folded_bn: FoldedFrozenBatchNorm2d = FoldedFrozenBatchNormAct2d(bn)
+        else:
+            folded_bn = FoldedFrozenBatchNorm2d(bn.weight.shape[0], bn.eps)
         for name in ("weight", "bias", "running_mean", "running_var"):
             setattr(folded_bn, name, getattr(bn, name))
         folded_bn.train(bn.training)
         _set_submodule(module, bn_name, folded_bn)
         _set_submodule(module, conv_name, FoldedConv2d(conv, folded_bn))
+    left = [n for n in foldable if n not in {bn for _, bn in pairs}]
+    if left:
+        log.info(
+            f"fold_frozen_batchnorm: folded {len(pairs)} conv -> frozen BN pairs; left {len(left)} frozen BN layers "
+            f"unfolded (not fed by an nn.Conv2d alone): {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}"
+        )
     return module
 
 
@@ -364,6 +420,10 @@ def unfold_frozen_batchnorm(module: nn.Module) -> nn.Module:
             conv.weight, conv.bias = child.weight, child.bias
             conv.train(child.training)
             _set_submodule(module, name, conv)
+        elif isinstance(child, FoldedFrozenBatchNormAct2d):
+            bn = child.unfolded()
+            bn.train(child.training)
+            _set_submodule(module, name, bn)
         elif isinstance(child, FoldedFrozenBatchNorm2d):
             bn = FrozenBatchNorm2d(child.weight.shape[0], child.eps)
             for key in ("weight", "bias", "running_mean", "running_var"):

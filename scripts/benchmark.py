@@ -26,6 +26,7 @@ import time
 import types
 from pathlib import Path
 
+import lightning
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -588,7 +589,15 @@ def main(argv=None):
         Path(args.output).write_text(json.dumps(result, indent=2, default=str))
 
     name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    result = {"device": name, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}}
+    result = {
+        "device": name,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "lightning": lightning.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
+        "args": {k: v for k, v in vars(args).items()},
+    }
     print(
         f"# {name}, torch {torch.__version__}, {args.arch}, batch {args.batch_size}, {args.image_size} px, freeze_at=2"
     )

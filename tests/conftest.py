@@ -40,7 +40,7 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
+            if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)) or type(m).__name__ == "FrozenBatchNormAct2d":
                 c = m.running_mean.numel()
                 m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)

@@ -1,5 +1,6 @@
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,10 @@ def test_fit_validate_test_predict_from_one_config(tmp_path):
     assert any(k.startswith("FrozenModuleGuard") for k in state["callbacks"])
     val = cli("validate", *quickstart_args(tmp_path), "--ckpt_path", str(last), cwd=tmp_path)
     assert val.returncode == 0 and "val/acc" in val.stdout, val.stderr[-2000:]
+    shutil.copytree(tmp_path / "digits" / "val", tmp_path / "digits" / "test")  # the digits set has no test split
+    test = cli("test", *quickstart_args(tmp_path), "--ckpt_path", str(last), cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-2000:]
+    assert "test/acc" in test.stdout and "test/acc_top5" in test.stdout
     pred = cli(
         "predict",
         *quickstart_args(tmp_path),
@@ -168,6 +173,24 @@ def test_cli_ddp_two_processes_on_cpu(tmp_path):
     assert result.returncode == 0, out[-3000:]
     assert "bit-identical at epoch 0 on all 2 ranks" in out
     assert "bit-identical at the start of training on all 2 ranks" in out
+    # predict under DDP: each rank writes its share; together they cover every file
+    last = next((tmp_path / "run").rglob("last.ckpt"))
+    pred = cli(
+        "predict",
+        *quickstart_args(tmp_path, "--config", str(ROOT / "configs" / "ddp.yaml"), "--trainer.devices", "2"),
+        "--ckpt_path",
+        str(last),
+        "--prediction_writer.output",
+        str(tmp_path / "pred.csv"),
+        cwd=tmp_path,
+    )
+    assert pred.returncode == 0, (pred.stdout + pred.stderr)[-3000:]
+    files = set()
+    for rank in (0, 1):
+        rows = list(csv.DictReader(open(tmp_path / f"pred.rank{rank}.csv")))
+        assert rows and all(r["predicted_class"] in {str(d) for d in range(10)} for r in rows)
+        files |= {r["file"] for r in rows}
+    assert files == {str(p) for p in (tmp_path / "digits" / "val").rglob("*.png")}
 
 
 @pytest.mark.slow
@@ -191,11 +214,8 @@ def test_multinode_local_script_runs_two_nodes(tmp_path):
     assert set(logs) == {"node0.log", "node1.log"}
     assert "bit-identical at epoch 0 on all 2 ranks" in logs["node0.log"]
     assert all("Traceback" not in text for text in logs.values())
-    assert (
-        "GLOBAL_RANK: 1" in logs["node1.log"]
-        or "global_rank=1" in logs["node1.log"]
-        or "rank 1" in logs["node1.log"].lower()
-    )
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs["node0.log"]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs["node1.log"]  # node 1's process joined as the second rank
 
 
 def test_user_trainer_callbacks_are_kept_beside_the_guard(tmp_path):
@@ -212,3 +232,65 @@ def test_user_trainer_callbacks_are_kept_beside_the_guard(tmp_path):
     )
     names = {type(c).__name__ for c in cli.trainer.callbacks}
     assert {"EarlyStopping", "FrozenModuleGuard", "ResumableCheckpoint", "LearningRateMonitor"} <= names
+
+
+def test_guard_null_turns_the_guard_off_and_checkpoints_are_atomic_by_default(tmp_path):
+    from lightning_frozenbn.checkpoint import AtomicCheckpointIO
+    from lightning_frozenbn.cli import FrozenBNCLI
+
+    on = FrozenBNCLI(args=quickstart_args(tmp_path), run=False)
+    assert any(type(c).__name__ == "FrozenModuleGuard" for c in on.trainer.callbacks)
+    assert isinstance(on.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    off = FrozenBNCLI(args=quickstart_args(tmp_path, "--guard", "null"), run=False)
+    assert not any(type(c).__name__ == "FrozenModuleGuard" for c in off.trainer.callbacks)
+
+
+def test_loggers_without_tensorboard_are_csv_only(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_frozenbn.cli import FrozenBNCLI
+
+    for name in ("tensorboard", "tensorboardX"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    cli = FrozenBNCLI(args=quickstart_args(tmp_path), run=False)
+    assert [type(logger) for logger in cli.trainer.loggers] == [CSVLogger]
+
+
+class TamperingClassifier(__import__("lightning_frozenbn").FrozenBNClassifier):
+    """A user model that changes a frozen BN buffer during training."""
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        with torch.no_grad():
+            self.backbone.layer1[0].bn1.running_mean.add_(0.5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.init_args.optimizer.init_args.lr", "1e30"], "error: Training loss is not finite at global step"),
+        (
+            ["--model.class_path", "test_cli.TamperingClassifier"],
+            "error: FrozenModuleGuard: the frozen state changed at epoch 0:",
+        ),
+    ],
+    ids=["nan-loss", "frozen-state-violation"],
+)
+def test_a_stopped_run_exits_1_with_one_error_line(tmp_path, capsys, extra, message):
+    """Exit 2 is a usage/input mistake (see test_bad_input.py); exit 1 is a run stopped by a runtime check."""
+    args = quickstart_args(
+        tmp_path,
+        "--trainer.limit_train_batches",
+        "3",
+        "--model.init_args.calibrate_bn",
+        "0",
+        "--trainer.gradient_clip_val",
+        "null",
+        *extra,
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), err[-2000:]

@@ -1,4 +1,6 @@
+import logging
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -6,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import quiet_trainer, randomize_bn, tiny_loader
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, ModelCheckpoint
 from torch import nn
 from torch.multiprocessing import ProcessRaisedException
 
@@ -200,8 +202,10 @@ def test_guard_state_survives_resume_and_catches_changed_weights(tmp_path):
     # tamper with a frozen weight inside the checkpoint: the resume is refused and names it
     state["state_dict"]["backbone.layer1.1.bn1.running_mean"] += 1e-3
     torch.save(state, tmp_path / "tampered.ckpt")
+    # (the model as built still holds the original values, so the report is element by element)
     with pytest.raises(
-        FrozenStateViolation, match="backbone.layer1.1.bn1.running_mean: differs from the original frozen reference"
+        FrozenStateViolation,
+        match=r"at the start of training:\n  rank 0: backbone.layer1.1.bn1.running_mean: 64 of 64 elements changed",
     ):
         trainer(tmp_path, [FrozenModuleGuard()], max_epochs=2).fit(
             FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader(), ckpt_path=tmp_path / "tampered.ckpt"
@@ -248,18 +252,49 @@ class RankFault(Callback):
                 pl_module.backbone.layer1[0].bn1.running_mean.add_(1.0)
 
 
+class RankStartsDifferent(Callback):
+    """Listed before the guard: rank 1's frozen state differs from rank 0's before the reference is taken.
+
+    A frozen parameter, not a buffer: DDP broadcasts buffers from rank 0 at every forward by default."""
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            with torch.no_grad():
+                pl_module.backbone.conv1.weight.view(-1)[:1].view(torch.int32).bitwise_xor_(1)
+
+
+def _guard_state(ckpt):
+    state = torch.load(Path(ckpt.dirpath) / "last.ckpt", weights_only=True)  # ddp_spawn: rank 0 wrote it
+    return next(v for k, v in state["callbacks"].items() if k.startswith("FrozenModuleGuard"))
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_guard_passes_and_catches_a_rank_fault(tmp_path):
-    guard = FrozenModuleGuard()
-    t = trainer(tmp_path, [guard], strategy="ddp_spawn", devices=2, max_epochs=2)
-    t.fit(FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader())
-    t = trainer(tmp_path, [RankFault(), FrozenModuleGuard()], strategy="ddp_spawn", devices=2)
+@pytest.mark.timeout(400, method="thread")  # a hang fails the test instead of hanging CI
+def test_ddp_two_processes_guard_passes_catches_restores_and_warns(tmp_path):
+    def ddp(callbacks, **kwargs):
+        ckpt = ModelCheckpoint(dirpath=tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}", save_last=True)
+        t = trainer(tmp_path, [*callbacks, ckpt], strategy="ddp_spawn", devices=2, enable_checkpointing=True, **kwargs)
+        t.fit(FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader())
+        return ckpt
+
+    # clean run: both epochs verified on both ranks (rank 0's guard state, written into the checkpoint)
+    assert _guard_state(ddp([FrozenModuleGuard()]))["epochs_verified"] == 2
     # ddp_spawn re-raises the first failing rank's error; that every rank stopped shows as no hang
     with pytest.raises(
         (FrozenStateViolation, ProcessRaisedException),
         match=r"rank 1: backbone.layer1.0.bn1.running_mean: 64 of 64 elements changed(.|\n)*rank 1 holds a different frozen state than rank 0",
     ):
-        t.fit(FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader())
+        ddp([RankFault(), FrozenModuleGuard()])
+    # restore: rank 1's change is undone, and epoch 1 is verified identical on both ranks again
+    assert _guard_state(ddp([RankFault(), FrozenModuleGuard(on_violation="restore")]))["epochs_verified"] == 1
+    # warn: epoch 0 is reported and the run goes on to its end on both ranks (epoch 1 may verify again:
+    # DDP's default broadcast_buffers copies rank 0's buffers over rank 1's at the next forward)
+    warned = ddp([RankFault(), FrozenModuleGuard(on_violation="warn")])
+    assert torch.load(Path(warned.dirpath) / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert _guard_state(warned)["epochs_verified"] <= 1
+    # check_ranks=False: each rank proves its own state against its own reference, no cross-rank compare
+    # (the same start with check_ranks=True is the "holds a different frozen state" report above)
+    assert _guard_state(ddp([RankStartsDifferent(), FrozenModuleGuard(check_ranks=False)]))["epochs_verified"] == 2
 
 
 def _tampered_checkpoint(tmp_path, name, delta=1e-3):
@@ -342,7 +377,7 @@ def test_dropout_inside_a_frozen_module_runs_in_eval_and_hooks_go_at_teardown(tm
     guard = FrozenModuleGuard()
     trainer(tmp_path, [guard], max_epochs=1).fit(model, tiny_loader())
     assert model.dropout_modes and not any(model.dropout_modes)
-    assert guard._hooks == [] and not model.frozen._forward_pre_hooks  # removed at teardown
+    assert not guard._hooks and not model.frozen[1]._forward_pre_hooks  # removed at teardown
     model.train()
     model(torch.randn(1, 3, 8, 8))
     assert model.dropout_modes[-1] is True  # after fit the module is the user's again
@@ -441,4 +476,335 @@ def test_norm_eval_statistics_are_guarded(tmp_path):
     ):
         trainer(tmp_path, [FrozenModuleGuard(), FlipBit("backbone.layer3.0.bn1.running_var")]).fit(
             FrozenBNClassifier(num_classes=4, arch="resnet18", norm="eval"), tiny_loader()
+        )
+
+
+# ---- deliberate unfreezing: BaseFinetuning, release(), protect() ----------------------------------
+class FinetuneNet(pl.LightningModule):
+    """The shape of Lightning's transfer-learning example: a `backbone` unfrozen by a BaseFinetuning
+    callback, a `stem` the user froze for good, a trainable head. The optimizer takes trainable
+    parameters only, as BaseFinetuning requires."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.stem.requires_grad_(False)
+        self.backbone = nn.Sequential(
+            nn.Conv2d(4, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        randomize_bn(self)
+
+    def forward(self, x):
+        return self.head(self.backbone(self.stem(x)))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(filter(lambda p: p.requires_grad, self.parameters()), lr=0.05, momentum=0.9)
+
+
+class Milestones(BaseFinetuning):
+    """A BaseFinetuning subclass as users write them: the backbone unfrozen in two steps."""
+
+    def __init__(self, train_bn):
+        super().__init__()
+        self.train_bn = train_bn
+
+    def freeze_before_training(self, pl_module):
+        self.freeze(pl_module.backbone, train_bn=self.train_bn)
+
+    def finetune_function(self, pl_module, epoch, optimizer):
+        if epoch == 1:
+            self.unfreeze_and_add_param_group(pl_module.backbone[:3], optimizer, train_bn=self.train_bn)
+        if epoch == 2:
+            self.unfreeze_and_add_param_group(pl_module.backbone[3:], optimizer, train_bn=self.train_bn)
+
+
+@pytest.mark.parametrize("guard_first", [True, False], ids=["guard-first", "guard-last"])
+@pytest.mark.parametrize("train_bn", [True, False], ids=["train_bn", "no-train_bn"])
+@pytest.mark.parametrize("kind", ["BackboneFinetuning", "Milestones"])
+def test_basefinetuning_unfreezing_releases_and_the_rest_stays_verified(tmp_path, caplog, kind, train_bn, guard_first):
+    model = FinetuneNet()
+    start = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    finetuning = (
+        BackboneFinetuning(unfreeze_backbone_at_epoch=1, train_bn=train_bn)
+        if kind == "BackboneFinetuning"
+        else Milestones(train_bn)
+    )
+    guard = FrozenModuleGuard()
+    callbacks = [guard, finetuning] if guard_first else [finetuning, guard]
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer(tmp_path, callbacks, max_epochs=3).fit(model, tiny_loader(n=32, batch_size=8))
+    assert guard.epochs_verified == 3  # no violation, and what stays frozen was verified every epoch
+    state = model.state_dict()
+    for name in ("backbone.0.weight", "backbone.3.weight"):  # unfrozen parts trained
+        assert not torch.equal(state[name], start[name]), name
+    for name in ("stem.0.weight", "stem.1.running_mean", "stem.1.running_var"):  # frozen for good: untouched
+        assert torch.equal(state[name], start[name]), name
+        assert name in guard.frozen_tensor_names
+    released = set(guard.released_tensor_names)
+    assert {"backbone.0.weight", "backbone.3.weight"} <= released
+    releases = [r.getMessage() for r in caplog.records if "released" in r.getMessage()]
+    assert releases and all(f"{type(finetuning).__name__} released" in m for m in releases)
+    assert any("at epoch 1" in m and "verified bit-identical for 1 epochs" in m for m in releases)
+    if kind == "Milestones" and not train_bn:
+        # freeze(train_bn=False): BN frozen with track_running_stats=False, guarded and in eval throughout;
+        # unfreeze(train_bn=False) switches BN parameters on but gives them to no optimizer: they stay frozen
+        assert (
+            "backbone.1.weight" in guard.frozen_tensor_names and "backbone.4.running_var" in guard.frozen_tensor_names
+        )
+        for name in ("backbone.1.weight", "backbone.1.running_mean", "backbone.4.running_var"):
+            assert torch.equal(state[name], start[name]), name
+        report = next(r.getMessage() for r in caplog.records if "guarding" in r.getMessage())
+        assert "2 frozen BatchNorm layers have track_running_stats=False" in report
+        assert "under the guard they run in eval mode with their running statistics" in report
+    else:
+        # freeze(train_bn=True), and BackboneFinetuning always (it freezes with the default, Lightning
+        # #20629): BN trains from the start, so it is never frozen, never guarded, and its statistics move
+        assert not any(n.startswith(("backbone.1.", "backbone.4.")) for n in guard.frozen_tensor_names + list(released))
+        assert not torch.equal(state["backbone.1.running_mean"], start["backbone.1.running_mean"])
+
+
+class BNLater(Milestones):
+    """Frozen with train_bn=False (BN guarded, in eval), unfrozen with train_bn=True at epoch 1."""
+
+    def finetune_function(self, pl_module, epoch, optimizer):
+        if epoch == 1:
+            self.unfreeze_and_add_param_group(pl_module.backbone, optimizer, train_bn=True)
+
+
+class RecordStats(Callback):
+    def __init__(self):
+        self.means = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.means[trainer.current_epoch] = pl_module.backbone[1].running_mean.clone()
+
+
+def test_a_bn_unfrozen_with_train_bn_is_released_with_its_statistics_and_trains(tmp_path):
+    model = FinetuneNet()
+    start = model.backbone[1].running_mean.clone()
+    guard, stats = FrozenModuleGuard(), RecordStats()
+    trainer(tmp_path, [guard, BNLater(train_bn=False), stats], max_epochs=2).fit(model, tiny_loader(n=32, batch_size=8))
+    assert guard.epochs_verified == 2
+    released = set(guard.released_tensor_names)
+    assert {"backbone.1.weight", "backbone.1.running_mean", "backbone.1.num_batches_tracked"} <= released
+    assert torch.equal(stats.means[0], start)  # guarded in eval during epoch 0: statistics did not move
+    assert not torch.equal(stats.means[1], start)  # released: back in train mode, statistics update again
+    assert model.backbone[1].training and model.backbone[1].track_running_stats
+
+
+class SwitchOnMidEpoch(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 1:
+            pl_module.stem[0].weight.requires_grad_(True)
+
+
+def test_an_accidental_unfreeze_beside_basefinetuning_is_still_a_violation(tmp_path):
+    with pytest.raises(
+        FrozenStateViolation, match=r"at epoch 1:\n  rank 0: stem.0.weight: requires_grad was switched back on"
+    ):
+        trainer(
+            tmp_path,
+            [FrozenModuleGuard(), BackboneFinetuning(unfreeze_backbone_at_epoch=1), SwitchOnMidEpoch()],
+            max_epochs=3,
+        ).fit(FinetuneNet(), tiny_loader(n=32, batch_size=8))
+
+
+def test_resume_after_a_release_keeps_the_released_set_and_the_original_reference(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    guard = FrozenModuleGuard()
+    model = FinetuneNet()
+    stem = model.stem[0].weight.detach().clone()
+    trainer(
+        tmp_path,
+        [guard, BackboneFinetuning(unfreeze_backbone_at_epoch=1), ckpt],
+        max_epochs=2,
+        enable_checkpointing=True,
+    ).fit(model, tiny_loader(n=32, batch_size=8))
+    saved = _guard_state(ckpt)
+    assert set(saved["released"]) == set(guard.released_tensor_names) and "backbone.0.weight" in saved["released"]
+    assert "backbone.0.weight" not in saved["reference_checksums"] and "stem.0.weight" in saved["reference_checksums"]
+    guard2 = FrozenModuleGuard()
+    resumed = FinetuneNet()
+    trainer(tmp_path, [guard2, BackboneFinetuning(unfreeze_backbone_at_epoch=1)], max_epochs=4).fit(
+        resumed, tiny_loader(n=32, batch_size=8), ckpt_path=Path(ckpt.dirpath) / "last.ckpt"
+    )
+    assert guard2.epochs_verified == 4
+    assert set(guard2.released_tensor_names) == set(guard.released_tensor_names)
+    assert not any(n.startswith("backbone.0") for n in guard2.frozen_tensor_names)  # not re-guarded
+    assert "stem.0.weight" in guard2.frozen_tensor_names and torch.equal(resumed.stem[0].weight, stem)
+
+
+class ReleaseAndProtect(Callback):
+    """User code: unfreeze the stem at epoch 1 (release first), freeze the head at epoch 2 (protect after)."""
+
+    def __init__(self, guard, tamper=False):
+        self.guard, self.tamper = guard, tamper
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            self.guard.release("stem")
+            pl_module.stem.requires_grad_(True)
+            trainer.optimizers[0].add_param_group({"params": list(pl_module.stem.parameters())})
+        if trainer.current_epoch == 2:
+            pl_module.head.requires_grad_(False)
+            self.guard.protect("head")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.tamper and trainer.current_epoch == 2 and batch_idx == 0:
+            with torch.no_grad():
+                pl_module.head[2].bias.add_(1.0)
+
+
+def test_release_and_protect_from_user_code(tmp_path, caplog):
+    model = FinetuneNet()
+    stem = model.stem[0].weight.detach().clone()
+    guard = FrozenModuleGuard()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer(tmp_path, [guard, ReleaseAndProtect(guard)], max_epochs=3).fit(model, tiny_loader(n=32, batch_size=8))
+    assert guard.epochs_verified == 3
+    assert not torch.equal(model.stem[0].weight, stem) and model.stem[1].training  # trains, BN back in train mode
+    assert "head.2.weight" in guard.frozen_tensor_names and "stem.0.weight" in guard.released_tensor_names
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "user code released 7 tensors at epoch 1" in messages and "now guarding head" in messages
+    guard = FrozenModuleGuard()
+    with pytest.raises(FrozenStateViolation, match=r"at epoch 2:\n  rank 0: head.2.bias: 4 of 4 elements changed"):
+        trainer(tmp_path, [guard, ReleaseAndProtect(guard, tamper=True)], max_epochs=3).fit(
+            FinetuneNet(), tiny_loader(n=32, batch_size=8)
+        )
+    with pytest.raises(ValueError, match=r"release\('hed'\): no guarded tensor(.|\n)*Close matches: head"):
+        guard.release("hed")
+    with pytest.raises(ValueError, match=r"release\('stem'\): no guarded tensor(.|\n)*released at epoch 1"):
+        guard.release("stem")
+
+
+class ChangeAtStep(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.stem[1].running_var.mul_(2)
+
+
+def test_every_n_train_steps_reports_a_mid_epoch_change_at_the_next_check(tmp_path):
+    with pytest.raises(
+        FrozenStateViolation, match=r"at global step 4 \(epoch 0, batch 3\):\n  rank 0: stem.1.running_var: 4 of 4"
+    ):
+        trainer(tmp_path, [ChangeAtStep(3), FrozenModuleGuard(every_n_train_steps=2)], max_epochs=1).fit(
+            FinetuneNet(), tiny_loader(n=64, batch_size=4)
+        )
+
+
+class Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.randn(3, 8, 8, generator=g), torch.randint(0, 4, (), generator=g)
+
+
+def test_an_endless_epoch_is_verified_at_its_last_step(tmp_path, caplog):
+    """An IterableDataset without end, stopped by max_steps: the final state is proven at the last step
+    (Lightning 2.6 still runs the epoch-end hook there; on_train_end verifies if it did not), and a
+    change made in that very last step is caught."""
+    guard = FrozenModuleGuard()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer(tmp_path, [guard], max_epochs=-1, max_steps=5).fit(
+            FinetuneNet(), torch.utils.data.DataLoader(Endless(), batch_size=4)
+        )
+    assert guard._last_verified_step == 5
+    assert [r.getMessage() for r in caplog.records if "bit-identical" in r.getMessage()][-1].endswith("on rank 0.")
+    with pytest.raises(FrozenStateViolation, match="stem.1.running_var: 4 of 4 elements changed"):
+        trainer(tmp_path, [ChangeAtStep(5), FrozenModuleGuard()], max_epochs=-1, max_steps=5).fit(
+            FinetuneNet(), torch.utils.data.DataLoader(Endless(), batch_size=4)
+        )
+
+
+def test_sharded_strategies_are_refused_at_setup():
+    """Lightning refuses FSDP on a CPU-only Trainer, so the guard's setup gets the strategy it would see on a
+    GPU machine through a stand-in trainer (nothing of the guard is replaced)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    with pytest.raises(ValueError, match=r"does not support FSDPStrategy(.|\n)*use DDP"):
+        FrozenModuleGuard().setup(SimpleNamespace(strategy=FSDPStrategy()), FinetuneNet(), "fit")
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # its __init__ needs the deepspeed package
+    with pytest.raises(ValueError, match=r"does not support DeepSpeedStrategy"):
+        FrozenModuleGuard().setup(SimpleNamespace(strategy=deepspeed), FinetuneNet(), "fit")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300, method="thread")
+def test_ddp_basefinetuning_release_agrees_on_all_ranks(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(
+        tmp_path,
+        [FrozenModuleGuard(), BackboneFinetuning(unfreeze_backbone_at_epoch=1), ckpt],
+        strategy="ddp_spawn",
+        devices=2,
+        enable_checkpointing=True,
+    ).fit(FinetuneNet(), tiny_loader(n=32, batch_size=4))
+    state = _guard_state(ckpt)
+    assert state["epochs_verified"] == 2 and "backbone.0.weight" in state["released"]
+
+
+class Wrapped(pl.LightningModule):
+    """Someone else's project: a timm or torchvision model with its library's own frozen BN, in a plain module."""
+
+    def __init__(self, library):
+        super().__init__()
+        if library == "timm":
+            timm = pytest.importorskip("timm")
+            from timm.utils.model import freeze_batch_norm_2d
+
+            self.model = freeze_batch_norm_2d(timm.create_model("efficientnet_b0", pretrained=False, num_classes=4))
+        else:
+            import torchvision
+            from torchvision.ops.misc import FrozenBatchNorm2d
+
+            self.model = torchvision.models.resnet18(weights=None, num_classes=4, norm_layer=FrozenBatchNorm2d)
+        randomize_bn(self.model)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class MoveStats(Callback):
+    def __init__(self, name):
+        self.name = name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with torch.no_grad():
+            pl_module.get_buffer(self.name).mul_(1.5)
+
+
+@pytest.mark.parametrize(
+    ("library", "layers", "tensor"),
+    [("timm", 49, "model.blocks.1.0.bn2.running_var"), ("torchvision", 20, "model.layer3.0.bn1.running_var")],
+)
+def test_other_libraries_frozen_bn_is_guarded(tmp_path, library, layers, tensor):
+    """Convolutions trainable, every BN frozen by the library's own class: the guard finds the frozen
+    BN layers by what they are (timm's FrozenBatchNormAct2d is not torchvision's class)."""
+    guard = FrozenModuleGuard()
+    trainer(tmp_path, [guard], max_epochs=1, limit_train_batches=1).fit(Wrapped(library), tiny_loader(n=4))
+    assert len(guard.frozen_tensor_names) == 4 * layers and tensor in guard.frozen_tensor_names
+    with pytest.raises(FrozenStateViolation, match=rf"rank 0: {tensor}: \d+ of \d+ elements changed"):
+        trainer(tmp_path, [FrozenModuleGuard(), MoveStats(tensor)], max_epochs=1, limit_train_batches=1).fit(
+            Wrapped(library), tiny_loader(n=4)
         )

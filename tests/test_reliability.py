@@ -194,11 +194,20 @@ def test_guard_reports_no_false_positives(tmp_path, fold, precision):
             tmp_path, precision=precision, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=True
         )
 
+    def make_model():
+        # norm="train": layer2 keeps nn.BatchNorm2d, frozen by the user. TrainCallingUser's self.train()
+        # puts it in train mode before every batch; only the guard's eval enforcement keeps its running
+        # statistics from moving (stem and layer1 are FrozenBatchNorm2d, folded or not).
+        model = TrainCallingUser(num_classes=4, arch="resnet18", fold=fold, norm="train", freeze_at=2)
+        model.backbone.layer2.requires_grad_(False)
+        return model
+
     guard = FrozenModuleGuard()
-    model = TrainCallingUser(num_classes=4, arch="resnet18", fold=fold, norm="train", freeze_at=2)
+    model = make_model()
     make_trainer(3, [guard, ckpt]).fit(model, tiny_loader(n=24), tiny_loader(n=8, seed=1))
     assert guard.epochs_verified == 3
+    assert "backbone.layer2.0.bn1.running_mean" in guard.frozen_tensor_names
     guard2 = FrozenModuleGuard()
-    model2 = TrainCallingUser(num_classes=4, arch="resnet18", fold=fold, norm="train", freeze_at=2)
+    model2 = make_model()
     make_trainer(4, [guard2]).fit(model2, tiny_loader(n=24), tiny_loader(n=8, seed=1), ckpt_path=ckpt.last_model_path)
     assert guard2.epochs_verified == 4

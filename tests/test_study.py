@@ -14,7 +14,7 @@ def test_reduced_study_measures_the_three_claims(tmp_path):
         [sys.executable, str(ROOT / "scripts" / "study.py"), "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=480,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("claim1.md", "claim2.md", "claim3.md", "claim1.png", "results.json", "source_resnet18.pth"):
@@ -25,4 +25,11 @@ def test_reduced_study_measures_the_three_claims(tmp_path):
     assert diff["frozen"] < 1e-5
     # train-mode BN normalises with per-rank statistics: clearly different; synchronised BN restores it
     assert diff["train"] > 1000 * diff["frozen"] and diff["sync"] < 1e-5
-    assert all(0 <= a <= 1 for runs in results["claim1"].values() for accs in runs.values() for a in accs)
+    # claim 1 at batch 2 (one seed, 60 steps): train-mode BN normalises with 2-image statistics and
+    # collapses, frozen BN does not (full study: 0.21 vs 0.98; a quick run here: 0.19 vs 0.80 at 100 steps)
+    claim1 = {policy: {int(b): accs[0] for b, accs in runs.items()} for policy, runs in results["claim1"].items()}
+    assert claim1["frozen"][2] > 0.5 and claim1["eval"][2] > 0.5, claim1
+    assert claim1["train"][2] < claim1["frozen"][2] - 0.3, claim1
+    # claim 3 is not shown even by the full study (calibration +0.002, inside the seed spread), so the
+    # quick run asserts only that every policy fine-tuned on the inverted digits (chance is 0.2)
+    assert all(accs[0] > 0.5 for accs in results["claim3"].values()), results["claim3"]
