@@ -396,8 +396,9 @@ class FrozenModuleGuard(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # An epoch cut short by max_steps (or an endless one) never reaches on_train_epoch_end:
-        # the final state is proven here unless it was just verified at this very step.
+        # The final state is always proven: skipped only when the last step was just verified (Lightning
+        # 2.6 still runs the epoch-end hook when max_steps stops an endless epoch; this covers any stop
+        # that does not, such as a callback setting `trainer.should_stop` mid-epoch in a future version).
         if trainer.global_step != self._last_verified_step:
             self._verify(trainer, f"the end of training (global step {trainer.global_step})")
 
@@ -757,8 +758,7 @@ class FrozenModuleGuard(Callback):
 
 
 def _summarise(names: list[str], limit: int = 4) -> str:
-    """Tensor names shortened to their modules: ``backbone.0, backbone.1 ... (12 modules)``."""
+    """Tensor names shortened to their modules: ``backbone.0, backbone.3 (2 modules)``."""
     modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
-    tops = list(dict.fromkeys(m.split(".", 2)[0] if m.count(".") < 2 else ".".join(m.split(".")[:2]) for m in modules))
-    shown = ", ".join(tops[:limit]) + (" ..." if len(tops) > limit else "")
-    return f"{shown}: {len(modules)} modules"
+    more = " ..." if len(modules) > limit else ""
+    return f"{', '.join(modules[:limit])}{more} ({len(modules)} modules)"
