@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     MAX_BATCHES = 60 if args.quick else 1.0
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    batches = (2, 32) if args.quick else (2, 4, 8, 32)  # quick keeps batch 2, where claim 1 shows
+    batches = (2,) if args.quick else (2, 4, 8, 32)  # quick keeps batch 2, where claim 1 shows
     seeds = (0,) if args.quick else (0, 1, 2)
     epochs = 1 if args.quick else 3
     started = time.time()
@@ -262,11 +262,12 @@ def main(argv: list[str] | None = None) -> None:
         "frozen + calibrate_bn (20 batches)": [
             finetune(weights, "frozen", c3_batch, s, epochs, invert=True, calibrate=20) for s in seeds
         ],
-        "eval (stats frozen, affine trains)": [
-            finetune(weights, "eval", c3_batch, s, epochs, invert=True) for s in seeds
-        ],
-        "train (plain BN)": [finetune(weights, "train", c3_batch, s, epochs, invert=True) for s in seeds],
     }
+    if not args.quick:  # the quick run keeps the comparison the claim is about
+        claim3["eval (stats frozen, affine trains)"] = [
+            finetune(weights, "eval", c3_batch, s, epochs, invert=True) for s in seeds
+        ]
+        claim3["train (plain BN)"] = [finetune(weights, "train", c3_batch, s, epochs, invert=True) for s in seeds]
     results["claim3"] = claim3
     results["seconds"] = time.time() - started
 

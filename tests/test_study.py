@@ -31,5 +31,6 @@ def test_reduced_study_measures_the_three_claims(tmp_path):
     assert claim1["frozen"][2] > 0.5 and claim1["eval"][2] > 0.5, claim1
     assert claim1["train"][2] < claim1["frozen"][2] - 0.3, claim1
     # claim 3 is not shown even by the full study (calibration +0.002, inside the seed spread), so the
-    # quick run asserts only that every policy fine-tuned on the inverted digits (chance is 0.2)
-    assert all(accs[0] > 0.5 for accs in results["claim3"].values()), results["claim3"]
+    # quick run (source vs calibrated statistics only) asserts only that both fine-tuned on the inverted
+    # digits (chance is 0.2)
+    assert len(results["claim3"]) == 2 and all(accs[0] > 0.5 for accs in results["claim3"].values()), results["claim3"]
