@@ -183,45 +183,53 @@ def _claim2_model(weights: Path, policy: str) -> nn.Module:
     return model
 
 
-def _claim2_worker(rank: int, world: int, weights: str, policy: str, batch: int, steps: int, port: int, out: str):
+def _claim2_worker(
+    rank: int, world: int, weights: str, policies: tuple[str, ...], batch: int, steps: int, port: int, out: str
+):
+    """Train each policy's model for ``steps`` steps in this process (rank of ``world``); rank 0 saves the weights.
+
+    One process group serves every policy, so the 2-process run is spawned once (process start-up is most
+    of its cost on CPU).
+    """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = _claim2_model(Path(weights), policy)
-    model.train()
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=policy != "frozen")
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     train, _ = digits(range(5, 10))
     per_rank = batch // world
-    for step in range(steps):
-        xb = train.tensors[0][step * batch : (step + 1) * batch][rank * per_rank : (rank + 1) * per_rank]
-        yb = train.tensors[1][step * batch : (step + 1) * batch][rank * per_rank : (rank + 1) * per_rank]
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    if rank == 0:
-        module = model.module if world > 1 else model
-        torch.save({k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}, out)
+    for policy in policies:
+        model = _claim2_model(Path(weights), policy)
+        model.train()
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=policy != "frozen")
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+        for step in range(steps):
+            xb = train.tensors[0][step * batch : (step + 1) * batch][rank * per_rank : (rank + 1) * per_rank]
+            yb = train.tensors[1][step * batch : (step + 1) * batch][rank * per_rank : (rank + 1) * per_rank]
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if rank == 0:
+            module = model.module if world > 1 else model
+            trained = {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
+            torch.save(trained, Path(out) / f"claim2_{policy}_{world}.pt")
     if world > 1:
         dist.destroy_process_group()
 
 
 def claim2(weights: Path, out: Path, batch: int, steps: int) -> list[dict]:
+    policies = ("frozen", "train", "sync")
+    for world in (1, 2):
+        args = (world, str(weights), policies, batch, steps, 29700 + world, str(out))
+        if world == 1:
+            _claim2_worker(0, *args)
+        else:
+            mp.spawn(_claim2_worker, args=args, nprocs=2)
     rows = []
-    for i, policy in enumerate(("frozen", "train", "sync")):
-        files = {}
-        for world in (1, 2):
-            files[world] = out / f"claim2_{policy}_{world}.pt"
-            port = 29700 + 10 * i + world
-            args = (world, str(weights), policy, batch, steps, port, str(files[world]))
-            if world == 1:
-                _claim2_worker(0, *args)
-            else:
-                mp.spawn(_claim2_worker, args=args, nprocs=2)
-        one, two = torch.load(files[1], weights_only=True), torch.load(files[2], weights_only=True)
+    for policy in policies:
+        one = torch.load(out / f"claim2_{policy}_1.pt", weights_only=True)
+        two = torch.load(out / f"claim2_{policy}_2.pt", weights_only=True)
         diff = max((one[k] - two[k]).abs().max().item() for k in one)
         change = max((one[k] - _claim2_model(weights, policy).state_dict()[k]).abs().max().item() for k in one)
         rows.append({"policy": policy, "max_abs_diff": diff, "max_abs_update": change})
