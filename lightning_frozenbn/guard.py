@@ -218,7 +218,7 @@ class FrozenModuleGuard(Callback):
         else:
             found = {name: self._named_frozen_module(pl_module, name, "modules=...") for name in self.modules}
         for name in self._protected:
-            if not any(name == n or name.startswith(f"{n}.") for n in found):
+            if not any(_under(name, n) for n in found):
                 found[name] = self._named_frozen_module(pl_module, name, "protect(...)")
         return found
 
@@ -448,9 +448,9 @@ class FrozenModuleGuard(Callback):
         """
         selected = []
         for name in names:
-            matches = [t for t in self._tensors if t == name or t.startswith(f"{name}.")]
+            matches = [t for t in self._tensors if _under(t, name)]
             if not matches:
-                gone = [e for r, e in self._released.items() if r == name or r.startswith(f"{name}.")]
+                gone = [e for r, e in self._released.items() if _under(r, name)]
                 prefixes = {".".join(t.split(".")[:i]) for t in self._tensors for i in range(1, t.count(".") + 2)}
                 close = difflib.get_close_matches(name, sorted(prefixes), n=3)
                 hint = f" It was released at epoch {gone[0]}." if gone else ""
@@ -480,7 +480,7 @@ class FrozenModuleGuard(Callback):
         before = set(self._tensors)
         for name in names:
             self._protected[name] = self._epochs_verified
-            for released in [r for r in self._released if r == name or r.startswith(f"{name}.")]:
+            for released in [r for r in self._released if _under(r, name)]:
                 del self._released[released]
         self._collect(pl_module)
         added = [n for n in self._tensors if n not in before]
@@ -763,3 +763,8 @@ def _summarise(names: list[str], limit: int = 4) -> str:
     modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
     more = " ..." if len(modules) > limit else ""
     return f"{', '.join(modules[:limit])}{more} ({len(modules)} modules)"
+
+
+def _under(name: str, prefix: str) -> bool:
+    """Whether the dotted ``name`` is ``prefix`` itself or lies inside it (``backbone.0.weight`` under ``backbone``)."""
+    return name == prefix or name.startswith(f"{prefix}.")
