@@ -726,7 +726,9 @@ class FrozenModuleGuard(Callback):
 
     def _log_report(self, trainer: pl.Trainer) -> None:
         rows = []
-        for name, module in self._frozen.items():
+        # roots whose tensors were all released at an earlier epoch are not guarded any more
+        guarded = {n: m for n, m in self._frozen.items() if any(_under(t, n) or not n for t in self._tensors)}
+        for name, module in guarded.items():
             n_params = sum(p.numel() for p in module.parameters())
             n_buffers = sum(b.numel() for b in module.buffers())
             mode = "eval" if not module.training else "train"
@@ -752,7 +754,7 @@ class FrozenModuleGuard(Callback):
             released = _summarise(list(self._released))
             extra += f"\n  not guarded: {len(self._released)} tensors released at earlier epochs ({released})"
         rank_zero_info(
-            f"FrozenModuleGuard: guarding {len(self._tensors)} frozen tensors in {len(self._frozen)} modules; "
+            f"FrozenModuleGuard: guarding {len(self._tensors)} frozen tensors in {len(guarded)} modules; "
             f"put them in eval mode at train start (Lightning's eval-mode warning does not apply to these).\n"
             f"  {'module':<32} {'type':<24} {'params':>11} {'buffers':>10}  mode\n" + "\n".join(rows) + extra
         )
