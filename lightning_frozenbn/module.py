@@ -148,7 +148,9 @@ class FrozenBNClassifier(pl.LightningModule):
         loader = datamodule.train_dataloader()
         rank, world = self.trainer.global_rank, self.trainer.world_size
         shard = world > 1 and len(loader) >= world
-        batches = (batch[0].to(self.device) for i, batch in enumerate(loader) if not shard or i % world == rank)
+        # batch_to_device runs the data module's transfer hooks: uint8 batches arrive normalised, as in training
+        strategy = self.trainer.strategy
+        batches = (strategy.batch_to_device(b)[0] for i, b in enumerate(loader) if not shard or i % world == rank)
         count = calibrate_bn(self, batches, self.hparams.calibrate_bn, reduce=self.trainer.strategy.reduce)
         if self.hparams.fold:
             fold_frozen_batchnorm(self.backbone)
