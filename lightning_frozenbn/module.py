@@ -6,7 +6,7 @@ import copy
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -51,7 +51,11 @@ class FrozenBNClassifier(pl.LightningModule):
         calibrate_bn: before training, re-estimate the frozen BN statistics on this many training
             batches (0 = keep the loaded statistics). Use it when the data is far from ImageNet or the
             weights are random. Skipped when resuming: the statistics come from the checkpoint.
-        check_finite: stop training with a clear error at the first NaN/inf loss (all ranks).
+        check_finite: stop training with a clear error at the first NaN/inf loss (all ranks). True
+            checks every step before the backward pass (the weights stay clean), which reads the loss
+            on the host: a device sync per step. "deferred" checks each step's loss at the next step
+            (and before any checkpoint is saved) so the GPU queue never drains; the weights then
+            already carry the bad step when it stops. False turns the check off.
         optimizer: optimizer factory, set in YAML as ``optimizer: {class_path: torch.optim.AdamW, ...}``.
         scheduler: LR scheduler factory; None means cosine decay to 0 over the whole run, per step.
     """
@@ -69,7 +73,7 @@ class FrozenBNClassifier(pl.LightningModule):
         backbone_lr_mult: float = 1.0,
         label_smoothing: float = 0.0,
         calibrate_bn: int = 0,
-        check_finite: bool = True,
+        check_finite: bool | Literal["deferred"] = True,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -83,6 +87,11 @@ class FrozenBNClassifier(pl.LightningModule):
             raise ValueError(f"backbone_lr_mult={backbone_lr_mult!r} must be >= 0 (1.0 = same LR as the head).")
         if isinstance(calibrate_bn, bool) or not isinstance(calibrate_bn, int) or calibrate_bn < 0:
             raise ValueError(f"calibrate_bn={calibrate_bn!r} must be a number of batches >= 0 (0 = off).")
+        if check_finite not in (True, False, "deferred"):
+            raise ValueError(
+                f"check_finite={check_finite!r} is invalid: expected true (check every step), 'deferred' "
+                "(check one step later, no device sync) or false (off)."
+            )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -94,6 +103,7 @@ class FrozenBNClassifier(pl.LightningModule):
         )
         self.test_acc = copy.deepcopy(self.val_acc)
         self._compiled = False
+        self._pending_finite: tuple[Tensor, Tensor, str] | None = None  # check_finite="deferred"
 
     # ---- the parts research code overrides -------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:
@@ -164,10 +174,18 @@ class FrozenBNClassifier(pl.LightningModule):
         """One step; stops all ranks at the first non-finite loss instead of training on garbage."""
         x, y = batch[0], batch[1]
         loss = self.compute_loss(self(x), y)
-        if self.hparams.check_finite:
+        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.hparams.check_finite == "deferred":
+            # queued on the device and read at the next step: no host sync now. The all-reduce is
+            # torch.distributed's own: Lightning's strategy.reduce puts a (blocking) barrier before it.
+            finite = torch.isfinite(loss.detach()).all().int()
+            if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(finite)
+            self._check_deferred_finite()
+            self._pending_finite = (finite, loss.detach(), where)
+        elif self.hparams.check_finite:
             finite = bool(torch.isfinite(loss).all())
             if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-                where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
                 value = loss.item() if finite is False else "finite here, non-finite on another rank"
                 raise FloatingPointError(
                     f"Training loss is not finite at {where}: {value} (rank {self.global_rank}). "
@@ -176,6 +194,32 @@ class FrozenBNClassifier(pl.LightningModule):
                 )
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
+
+    def _check_deferred_finite(self) -> None:
+        pending, self._pending_finite = self._pending_finite, None
+        if pending is None:
+            return
+        finite, loss, where = pending
+        if int(finite) != self.trainer.world_size:  # every rank reads the same reduced count
+            value = loss.item() if not torch.isfinite(loss) else "finite here, non-finite on another rank"
+            raise FloatingPointError(
+                f"Training loss is not finite at {where}: {value} (rank {self.global_rank}; found one step "
+                "later: check_finite='deferred', so the weights already carry that step). Lower the learning "
+                "rate (`model.optimizer.init_args.lr`), check the input data, and resume from a checkpoint "
+                "saved before that step."
+            )
+
+    def on_train_epoch_end(self) -> None:
+        """Check the epoch's last loss (``check_finite="deferred"``)."""
+        self._check_deferred_finite()
+
+    def on_train_end(self) -> None:
+        """Check the run's last loss (``check_finite="deferred"``)."""
+        self._check_deferred_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Never save weights that a not-yet-checked bad step produced (``check_finite="deferred"``)."""
+        self._check_deferred_finite()
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metrics: nn.ModuleDict) -> None:
         x, y = batch[0], batch[1]

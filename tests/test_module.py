@@ -83,14 +83,48 @@ def test_research_subclass_trains_with_the_guard(tmp_path):
     assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 32)
 
 
-def test_non_finite_loss_stops_training_with_the_step(tmp_path):
-    class Exploding(FrozenBNClassifier):
-        def compute_loss(self, logits, target):
-            loss = super().compute_loss(logits, target)
-            return loss * float("nan") if self.global_step == 2 else loss
+class Exploding(FrozenBNClassifier):
+    nan_at = 2
 
-    with pytest.raises(FloatingPointError, match=r"not finite at global step 2 \(epoch 0, batch 2\): nan"):
-        trainer(tmp_path).fit(Exploding(num_classes=4, arch="resnet18"), tiny_loader())
+    def compute_loss(self, logits, target):
+        loss = super().compute_loss(logits, target)
+        return loss * float("nan") if self.global_step == self.nan_at else loss
+
+
+@pytest.mark.parametrize("check_finite", [True, "deferred"])
+def test_non_finite_loss_stops_training_with_the_step(tmp_path, check_finite):
+    model = Exploding(num_classes=4, arch="resnet18", check_finite=check_finite)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = []
+    model.on_train_batch_start = lambda batch, i: steps.append(i)
+    with pytest.raises(FloatingPointError, match=r"not finite at global step 2 \(epoch 0, batch 2\): nan") as err:
+        trainer(tmp_path).fit(model, tiny_loader())
+    assert ("found one step later" in str(err.value)) == (check_finite == "deferred")
+    if check_finite is True:  # stopped before the bad step's backward: the weights are finite
+        assert steps == [0, 1, 2] and all(torch.isfinite(v.float()).all() for v in model.state_dict().values())
+    else:  # found at the next step, without a host sync per step: the bad step was applied
+        assert steps == [0, 1, 2, 3]
+        assert not torch.isfinite(model.classifier.weight).all()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("where", ["last step of an epoch", "before a checkpoint is saved"])
+def test_deferred_check_still_catches_the_last_step(tmp_path, where):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = Exploding(num_classes=4, arch="resnet18", check_finite="deferred")
+    model.nan_at = 3  # the 4th and last batch of the epoch
+    callbacks = []
+    if where == "before a checkpoint is saved":
+        callbacks = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)]
+    steps = []
+    model.on_train_batch_start = lambda batch, i: steps.append(i)
+    t = trainer(tmp_path, callbacks=callbacks, enable_checkpointing=bool(callbacks), max_epochs=2)
+    with pytest.raises(FloatingPointError, match=r"not finite at global step 3 .*found one step later"):
+        t.fit(model, tiny_loader())
+    assert steps == [0, 1, 2, 3]  # stopped at the end of epoch 0, before epoch 1 ran a step on NaN weights
+    if callbacks:
+        assert not list((tmp_path / "ckpt").glob("*.ckpt"))  # no NaN weights on disk
 
 
 @pytest.mark.parametrize(
@@ -99,6 +133,7 @@ def test_non_finite_loss_stops_training_with_the_step(tmp_path):
         ({"num_classes": 0}, "num_classes=0 is invalid: expected an integer >= 1"),
         ({"num_classes": 4, "backbone_lr_mult": -1.0}, "backbone_lr_mult=-1.0 must be >= 0"),
         ({"num_classes": 4, "calibrate_bn": -2}, "calibrate_bn=-2 must be a number of batches"),
+        ({"num_classes": 4, "check_finite": "later"}, "check_finite='later' is invalid: expected true"),
     ],
 )
 def test_bad_module_arguments(kwargs, match):
