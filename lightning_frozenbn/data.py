@@ -283,7 +283,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(dataset) > self.batch_size,
-            collate_fn=collate_encoded if isinstance(dataset.loader, EncodedLoader) else None,
+            collate_fn=collate_encoded if self._use_gpu_decode() else None,
         )
 
     def train_dataloader(self) -> DataLoader:

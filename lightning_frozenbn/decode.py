@@ -69,7 +69,7 @@ def decode_file(path: str) -> Tensor:
 
 
 def normalize_uint8(x: Tensor, mean: Tensor, std: Tensor, channels_last: bool = False) -> Tensor:
-    """``(x / 255 - mean) / std`` as float32, from a uint8 ``(N, 3, H, W)`` batch, in one fused pass.
+    """``(x / 255 - mean) / std`` as float32, from a uint8 ``(N, 3, H, W)`` batch.
 
     Done on the device after the transfer: the workers then pin and copy a quarter of the bytes
     (uint8 instead of float32), and the conversion costs the GPU microseconds instead of the
@@ -78,9 +78,15 @@ def normalize_uint8(x: Tensor, mean: Tensor, std: Tensor, channels_last: bool = 
     """
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    return _normalize_(x.float(), mean, std)
+
+
+def _normalize_(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    # (x - 255 mean) / (255 std) == (x / 255 - mean) / std, in place: two passes, no temporaries
+    # (measured on CPU: 2-4x faster than one out-of-place addcmul with broadcast operands)
+    shift = (255.0 * mean).to(x.device, torch.float32).view(1, -1, 1, 1)
     scale = (1.0 / (255.0 * std)).to(x.device, torch.float32).view(1, -1, 1, 1)
-    shift = (-mean / std).to(x.device, torch.float32).view(1, -1, 1, 1)
-    return torch.addcmul(shift, x.float(), scale)
+    return x.sub_(shift).mul_(scale)
 
 
 class EncodedBatch(NamedTuple):
@@ -207,10 +213,7 @@ def decode_batch(
         ct, cl = int(round((rh - image_size) / 2.0)), int(round((rw - image_size) / 2.0))
         crop = crop[:, :, ct : ct + image_size, cl : cl + image_size]
         out[i] = crop[0].flip(-1) if flip else crop[0]
-    out.clamp_(0, 255)
-    scale = (1.0 / (255.0 * std)).to(device, torch.float32).view(1, -1, 1, 1)
-    shift = (-mean / std).to(device, torch.float32).view(1, -1, 1, 1)
-    return out.mul_(scale).add_(shift)
+    return _normalize_(out.clamp_(0, 255), mean, std)
 
 
 def nvjpeg_available(device: torch.device | str = "cuda") -> str | None:

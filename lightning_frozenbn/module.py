@@ -60,6 +60,8 @@ class FrozenBNClassifier(pl.LightningModule):
         scheduler: LR scheduler factory; None means cosine decay to 0 over the whole run, per step.
     """
 
+    _pending_finite: tuple[Tensor, Tensor, str] | None = None  # the last step's check, check_finite="deferred"
+
     def __init__(
         self,
         num_classes: int,
@@ -103,7 +105,6 @@ class FrozenBNClassifier(pl.LightningModule):
         )
         self.test_acc = copy.deepcopy(self.val_acc)
         self._compiled = False
-        self._pending_finite: tuple[Tensor, Tensor, str] | None = None  # check_finite="deferred"
 
     # ---- the parts research code overrides -------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:

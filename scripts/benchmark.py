@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -326,34 +327,43 @@ def profile_ops(args, device, x, y, variants=("ours (folded)", "detectron2 Froze
 
 
 class _StepClock:
-    """Lightning callback recording the wall time between consecutive training batches."""
+    """Lightning callback: the steady time per step, from the wall clock over a run's steps after the first ``skip``.
 
-    def __init__(self):
+    The device is synchronised only where the timed span starts and ends: a sync every step would
+    hide the cost of anything else that syncs (the NaN check, a logger) and would let a slow input
+    pipeline hide behind the model. Epoch times (with a sync at each end) are kept too.
+    """
+
+    def __init__(self, skip=1):
         from lightning.pytorch import Callback
 
         clock = self
 
+        def sync(trainer):
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize()
+
         class _Cb(Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if trainer.strategy.root_device.type == "cuda":
-                    torch.cuda.synchronize()
-                clock.t0 = time.perf_counter()
+                if trainer.global_step == skip:
+                    sync(trainer)
+                    clock.t0 = time.perf_counter()
 
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if trainer.strategy.root_device.type == "cuda":
-                    torch.cuda.synchronize()
-                if batch_idx >= 1 or trainer.max_steps <= 2:
-                    clock.steps.append(time.perf_counter() - clock.t0)
+            def on_train_end(self, trainer, pl_module):
+                sync(trainer)
+                if clock.t0 is not None and trainer.global_step > skip:
+                    clock.steps.append((time.perf_counter() - clock.t0) / (trainer.global_step - skip))
+                clock.t0 = None
 
             def on_train_epoch_start(self, trainer, pl_module):
+                sync(trainer)
                 clock.e0 = time.perf_counter()
 
             def on_train_epoch_end(self, trainer, pl_module):
-                if trainer.strategy.root_device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(trainer)
                 clock.epochs.append(time.perf_counter() - clock.e0)
 
-        self.callback, self.steps, self.epochs, self.t0, self.e0 = _Cb(), [], [], 0.0, 0.0
+        self.callback, self.steps, self.epochs, self.t0, self.e0 = _Cb(), [], [], None, 0.0
 
 
 def _bench_trainer(device, precision, callbacks, **limits):
@@ -375,51 +385,50 @@ def _bench_trainer(device, precision, callbacks, **limits):
 
 
 def lightning_vs_plain(args, device, x, y):
-    """Per-step median: Trainer.fit vs a hand-written loop, same model, same batches, interleaved.
+    """Time per step: Trainer.fit vs a hand-written loop, same model, same batches, interleaved.
 
-    Lightning runs twice per round: with ``check_finite=False`` (the same work as the plain loop, so
-    the ratio is Lightning's own cost) and with the package default ``check_finite=True``, whose
-    NaN check reads the loss on the host every step (a device sync; free on CPU, measured on GPU).
+    Lightning runs three times per round: with ``check_finite=False`` (the same work as the plain
+    loop, so the ratio is Lightning's own cost), with the package default ``check_finite=True``, whose
+    NaN check reads the loss on the host every step (a device sync: free on CPU, measured on GPU), and
+    with ``check_finite="deferred"`` (read one step later, no sync). Steady time per step over
+    ``2 x steps`` steps after one warm-up step, device synced only at the ends of the span.
     """
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
     model = FrozenBNClassifier(num_classes=1000, arch=args.arch, check_finite=False, channels_last=args.channels_last)
     model.configure_optimizers = lambda: torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9
     )
-    data = [(x, y)] * args.steps
+    steps = 2 * args.steps
     precision = "bf16-mixed" if args.fit_precision == "bf16" else "32-true"
-    clocks = {False: _StepClock(), True: _StepClock()}
+    clocks = {False: _StepClock(), True: _StepClock(), "deferred": _StepClock()}
     plain_steps: list[float] = []
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batches = [(x.cpu(), y.cpu())] * (steps + 1)  # host batches, copied to the device each step as in a real run
+    if device.type == "cuda":
+        batches = [(x.cpu().pin_memory(), y.cpu().pin_memory())] * (steps + 1)
     for _ in range(args.rounds):
         for check_finite, clock in clocks.items():
             model.hparams.check_finite = check_finite
-            trainer = _bench_trainer(
-                device, precision, [clock.callback], max_steps=args.steps + 1, limit_train_batches=args.steps + 1
-            )
-            trainer.fit(
-                model,
-                DataLoader(
-                    TensorDataset(x.cpu().repeat(args.steps + 1, 1, 1, 1), y.cpu().repeat(args.steps + 1)),
-                    batch_size=x.shape[0],
-                ),
-            )
+            trainer = _bench_trainer(device, precision, [clock.callback], max_steps=steps + 1)
+            trainer.fit(model, DataLoader(batches, batch_size=None))
         model.to(device).train()
-        for i, (xb, yb) in enumerate(data):
-            sync()
-            t0 = time.perf_counter()
+        for i, (xb, yb) in enumerate(batches):
+            if i == 1:
+                sync()
+                t0 = time.perf_counter()
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.fit_precision == "bf16"):
                 loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            sync()
-            if i >= 1 or args.steps == 1:
-                plain_steps.append(time.perf_counter() - t0)
+        sync()
+        plain_steps.append((time.perf_counter() - t0) / steps)
     lightning = statistics.median(clocks[False].steps)
     checked = statistics.median(clocks[True].steps)
+    deferred = statistics.median(clocks["deferred"].steps)
     plain = statistics.median(plain_steps)
     return {
         "lightning_ms": lightning * 1e3,
@@ -427,7 +436,10 @@ def lightning_vs_plain(args, device, x, y):
         "ratio": lightning / plain,
         "check_finite_ms": checked * 1e3,
         "check_finite_ratio": checked / lightning,
-        "steps": len(clocks[False].steps),
+        "deferred_check_ms": deferred * 1e3,
+        "deferred_check_ratio": deferred / lightning,
+        "steps": steps,
+        "runs": len(clocks[False].steps),
     }
 
 
@@ -473,44 +485,185 @@ def guard_overhead(args, device, x, y):
     }
 
 
-def data_pipeline(args, device, step_img_s):
-    """Images/s of the ImageFolder pipeline (JPEG decode + train transforms, workers) vs the model step."""
+def make_photos(root, n, size=(500, 375), classes=4, seed=0):
+    """``n`` real photographs as JPEG (quality 90) in ``root/train/<class>/`` and one per class in ``val``.
+
+    Random crops (area 30-100 %, random position, landscape or portrait, flipped or not) of the two
+    photographs bundled with scikit-learn, resized to ImageNet's typical 500 x 375: real image
+    statistics for the decoders (noise would compress and decode at other speeds), with no download.
+    """
     from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    g = torch.Generator().manual_seed(seed)
+    root = Path(root)
+    for i in range(n + classes):
+        split, c = ("train", i % classes) if i < n else ("val", i - n)
+        photo = photos[i % len(photos)]
+        area = float(torch.empty(1).uniform_(0.3, 1.0, generator=g)) * photo.width * photo.height
+        w = min(photo.width, round((area * 4 / 3) ** 0.5))
+        h = min(photo.height, round(w * 3 / 4))
+        left = int(torch.randint(0, photo.width - w + 1, (1,), generator=g))
+        top = int(torch.randint(0, photo.height - h + 1, (1,), generator=g))
+        image = photo.crop((left, top, left + w, top + h)).resize(size, Image.Resampling.BILINEAR)
+        if i % 3 == 1:
+            image = image.transpose(Image.Transpose.ROTATE_90)  # portrait
+        if int(torch.randint(0, 2, (1,), generator=g)):
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        folder = root / split / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+PIPELINES = {
+    "stock (PIL, float on workers)": dict(decode="pil"),
+    "ours (uint8, normalised on device)": dict(decode="tensor"),
+    "ours + nvJPEG on the GPU": dict(decode="tensor", decode_device="cuda"),
+}
+
+
+def _photo_datamodule(root, args, workers, image_size, batch_size, repeat=1, **kwargs):
+    """The package's ImageFolderDataModule; ``repeat`` > 1 makes an epoch go over the files several times."""
+    from torch.utils.data import ConcatDataset
 
     from lightning_frozenbn import ImageFolderDataModule
 
-    with tempfile.TemporaryDirectory() as tmp:
-        g = torch.Generator().manual_seed(0)
-        side = max(args.image_size * 8 // 7, 64)
-        for split in ("train", "val"):
-            for c in range(4):
-                folder = Path(tmp) / split / f"class{c}"
-                folder.mkdir(parents=True)
-                for i in range(args.data_images // 4 if split == "train" else 1):
-                    base = torch.rand(3, 8, 8, generator=g)
-                    img = F.interpolate(base[None], size=(side, side), mode="bilinear")[0]
-                    img = (img + 0.05 * torch.randn(3, side, side, generator=g)).clamp(0, 1)
-                    Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).save(folder / f"{i}.jpg", quality=90)
-        dm = ImageFolderDataModule(
-            tmp, image_size=args.image_size, batch_size=args.batch_size, num_workers=args.workers
+    class Repeated(ImageFolderDataModule):
+        def setup(self, stage):
+            super().setup(stage)
+            if repeat > 1 and "train" in self.datasets and not isinstance(self.datasets["train"], ConcatDataset):
+                self.datasets["train"] = ConcatDataset([self.datasets["train"]] * repeat)
+
+    return Repeated(root, image_size=image_size, batch_size=batch_size, num_workers=workers, **kwargs)
+
+
+def pipeline_rates(args, device, root):
+    """Images/s delivered to the device, normalised, by each pipeline and worker count (train transform).
+
+    Counts what the model would receive: batches from the DataLoader, moved to the device and, for
+    our pipeline, normalised there (as the Trainer's transfer hooks do). Each run takes
+    ``max(16, 6 x workers)`` batches of ``--pipeline-batch`` images; the rate is over the batches after
+    each worker's first one (worker start-up excluded); median of interleaved rounds.
+    """
+    pipelines = [p for p in PIPELINES if device.type == "cuda" or "nvJPEG" not in p]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rates = {(p, w): [] for p in pipelines for w in args.worker_counts}
+    for _ in range(args.data_rounds):
+        for workers in args.worker_counts:
+            batches = max(16, 6 * workers)
+            repeat = -(-batches * args.pipeline_batch // args.data_images)  # enough files for that many batches
+            for name in pipelines:
+                dm = _photo_datamodule(
+                    root, args, workers, args.data_image_size, args.pipeline_batch, repeat, **PIPELINES[name]
+                )
+                dm.setup("fit")
+                arrivals, images = [], 0
+                for batch in dm.train_dataloader():
+                    batch = dm.on_after_batch_transfer(dm.transfer_batch_to_device(batch, device, 0), 0)
+                    sync()
+                    arrivals.append(time.perf_counter())
+                    if len(arrivals) > workers:
+                        images += batch[0].shape[0]
+                    if len(arrivals) == batches:
+                        break
+                rates[(name, workers)].append(images / (arrivals[-1] - arrivals[workers - 1]))
+                del dm
+    stock = {w: statistics.median(rates[(pipelines[0], w)]) for w in args.worker_counts}
+    rows = []
+    for (name, workers), values in rates.items():
+        rate = statistics.median(values)
+        rows.append(
+            {
+                "pipeline": name,
+                "workers": workers,
+                "img_per_s": rate,
+                "img_per_s_per_worker": rate / workers,
+                "vs_stock": rate / stock[workers],
+            }
         )
-        dm.setup("fit")
-        loader = dm.train_dataloader()
-        for _ in loader:  # epoch 0 starts the (persistent) workers
-            pass
-        # time a whole second epoch, from the iterator's creation: prefetching cannot hide decode time
-        t0, n = time.perf_counter(), 0
-        for xb, _ in loader:
-            n += xb.shape[0]
-        elapsed = time.perf_counter() - t0
-    rate = n / elapsed
-    return {
-        "pipeline_img_per_s": rate,
-        "model_step_img_per_s": step_img_s,
-        "workers": args.workers,
-        "limit": "n/a" if step_img_s != step_img_s else ("input pipeline" if rate < step_img_s else "model step"),
-        "images": n,
-    }
+    return rows
+
+
+def fit_real_vs_synthetic(args, device, root):
+    """Trainer.fit time per step on the JPEG photos vs on in-memory tensors: same model, same batch size.
+
+    Synthetic batches are uint8 tensors already collated in host memory (pinned on CUDA), sent
+    through the same transfer hooks: the data costs nothing but its copy. A warm-up fit first
+    (compilation, cuDNN autotuning), then interleaved rounds; steady time per step after 2 steps.
+    """
+    from torch.utils.data import DataLoader
+
+    precision = "bf16-mixed" if args.fit_precision == "bf16" else "32-true"
+    model = FrozenBNClassifier(
+        num_classes=4, arch=args.arch, channels_last=args.channels_last, compile=args.compile and device.type == "cuda"
+    )
+    model.configure_optimizers = lambda: torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9
+    )
+    g = torch.Generator().manual_seed(0)
+    n, size = args.data_batch, args.image_size
+    pin = device.type == "cuda"
+    synthetic_batches = [
+        (torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.randint(0, 4, (n,)))
+        for _ in range(4)
+    ]
+    if pin:
+        synthetic_batches = [(a.pin_memory(), b.pin_memory()) for a, b in synthetic_batches]
+
+    def synthetic_dm():
+        dm = _photo_datamodule(root, args, 0, size, n)
+        dm.train_dataloader = lambda: DataLoader(synthetic_batches * (args.fit_steps // 4 + 2), batch_size=None)
+        return dm
+
+    runs = {"synthetic tensors": synthetic_dm}
+    for name, kwargs in PIPELINES.items():
+        if "stock" not in name and (device.type == "cuda" or "nvJPEG" not in name):
+            runs[f"JPEG: {name}"] = lambda kw=kwargs: _photo_datamodule(
+                root, args, args.workers, size, n, repeat=args.data_repeat, **kw
+            )
+    limits = dict(max_steps=args.fit_steps + 2, limit_val_batches=0)
+    _bench_trainer(device, precision, [], max_steps=3, limit_val_batches=0).fit(model, datamodule=synthetic_dm())
+    clocks = {name: _StepClock(skip=2) for name in runs}
+    for _ in range(args.data_rounds):
+        for name, make in runs.items():
+            _bench_trainer(device, precision, [clocks[name].callback], **limits).fit(model, datamodule=make())
+    base = statistics.median(clocks["synthetic tensors"].steps)
+    rows = []
+    for name, clock in clocks.items():
+        step = statistics.median(clock.steps)
+        rows.append(
+            {
+                "data": name,
+                "workers": 0 if name.startswith("synthetic") else args.workers,
+                "ms_per_step": step * 1e3,
+                "img_per_s": n / step,
+                "vs_synthetic_speed": base / step,
+                "runs": len(clock.steps),
+            }
+        )
+    return rows
+
+
+def data_section(args, device):
+    """The input pipeline on real photos: stock vs ours per worker count, then end-to-end fit vs synthetic."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        root = make_photos(tmp, args.data_images)
+        made = time.perf_counter() - t0
+        return {
+            "photos": args.data_images,
+            "photo_size": "500x375 JPEG q90 (crops of scikit-learn's sample photos)",
+            "repeat_per_epoch": args.data_repeat,
+            "pipeline_batch_size": args.pipeline_batch,
+            "fit_batch_size": args.data_batch,
+            "pipeline_image_size": args.data_image_size,
+            "fit_image_size": args.image_size,
+            "seconds_to_write_photos": made,
+            "pipelines": pipeline_rates(args, device, root),
+            "fit": fit_real_vs_synthetic(args, device, root),
+        }
 
 
 def fmt_table(rows, cols):
@@ -550,7 +703,14 @@ def main(argv=None):
     parser.add_argument("--sections", default="steps,saved,profile,lightning,guard,data")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--fit-precision", choices=["fp32", "bf16"])
-    parser.add_argument("--workers", type=int)
+    parser.add_argument("--workers", type=int, help="DataLoader workers of the real-JPEG fit")
+    parser.add_argument("--worker-counts", help="comma-separated worker counts of the pipeline table")
+    parser.add_argument("--data-images", type=int, help="distinct photos written for the data section")
+    parser.add_argument("--fit-steps", type=int, help="timed steps per fit in the data section")
+    parser.add_argument("--data-image-size", type=int, default=224, help="train crop of the pipeline table")
+    parser.add_argument("--pipeline-batch", type=int, default=64, help="batch size of the pipeline table")
+    parser.add_argument("--data-rounds", type=int, default=2, help="interleaved rounds of the data section")
+    parser.add_argument("--compile-variants", default=",".join(VARIANTS[:4]), help="variants timed under torch.compile")
     parser.add_argument("--output", default="benchmark.json")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
@@ -565,14 +725,19 @@ def main(argv=None):
         compile=gpu,
         experiment=gpu,
         fit_precision="bf16" if gpu else "fp32",
-        workers=8 if gpu else 2,
+        workers=min(14, max(1, (os.cpu_count() or 2) - 2)) if gpu else 2,
+        worker_counts="1,4,8,14" if gpu else "1,2",
+        data_images=1024 if gpu else 64,
+        fit_steps=40 if gpu else 8,
     )
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.channels_last = gpu
     args.saved_batch, args.saved_size = 8, 64
-    args.data_images = 2048 if gpu else 256
+    args.worker_counts = [int(w) for w in str(args.worker_counts).split(",")]
+    args.data_batch = args.batch_size
+    args.data_repeat = 8 if gpu else 4  # a fit's epoch long enough for every worker to deliver many batches
     device = torch.device(args.device)
     torch.manual_seed(0)
     if gpu:
@@ -650,14 +815,40 @@ def main(argv=None):
         None,
     )
     save(result)
+    if "data" in sections:
+        result["data"] = data = data_section(args, device)
+        print(
+            f"\n## Input pipeline on {data['photos']} real photos ({data['photo_size']}), train transform to "
+            f"{args.data_image_size} px, batch {args.pipeline_batch}: images/s delivered to the device, normalised"
+        )
+        print(fmt_table(data["pipelines"], ["pipeline", "workers", "img_per_s", "img_per_s_per_worker", "vs_stock"]))
+        print(
+            f"\n## Trainer.fit on those JPEGs ({args.workers} workers) vs on in-memory tensors "
+            f"({args.arch}, {args.image_size} px, {args.fit_precision}, steady time per step; "
+            "vs_synthetic_speed 1.0 = data costs nothing)"
+        )
+        print(fmt_table(data["fit"], ["data", "workers", "ms_per_step", "img_per_s", "vs_synthetic_speed", "runs"]))
+        if step_rate:
+            data["model_step_img_per_s"] = step_rate
+    save(result)
     if "lightning" in sections:
         result["lightning"] = lightning_vs_plain(args, device, x, y)
-        print("\n## Lightning Trainer.fit step vs plain PyTorch loop (ours, median per step)")
-        print("(check_finite_ratio: the default NaN check's host sync, Lightning with it / without it)")
+        print("\n## Lightning Trainer.fit step vs plain PyTorch loop (ours, steady time per step, median of runs)")
+        print("(check_finite_ratio: the default NaN check's host sync per step; deferred: read one step later)")
         print(
             fmt_table(
                 [result["lightning"]],
-                ["lightning_ms", "plain_ms", "ratio", "check_finite_ms", "check_finite_ratio", "steps"],
+                [
+                    "lightning_ms",
+                    "plain_ms",
+                    "ratio",
+                    "check_finite_ms",
+                    "check_finite_ratio",
+                    "deferred_check_ms",
+                    "deferred_check_ratio",
+                    "steps",
+                    "runs",
+                ],
             )
         )
     save(result)
@@ -678,13 +869,8 @@ def main(argv=None):
             )
         )
     save(result)
-    if "data" in sections:
-        result["data"] = data_pipeline(args, device, step_rate or float("nan"))
-        print("\n## Input pipeline (ImageFolder: JPEG decode + train transforms) vs model step")
-        print(fmt_table([result["data"]], ["pipeline_img_per_s", "model_step_img_per_s", "workers", "limit", "images"]))
-    save(result)
     if "steps" in sections and args.compile:  # last: compilation takes minutes
-        compiled = bench_steps(args, device, x, y, "bf16", True, VARIANTS[:4])
+        compiled = bench_steps(args, device, x, y, "bf16", True, args.compile_variants.split(","))
         result["steps"] += compiled
         print("\n## torch.compile, bf16 (median of interleaved steps)")
         print(

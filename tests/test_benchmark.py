@@ -83,6 +83,16 @@ def test_benchmark_script_runs_every_section_and_writes_json(tmp_path):
             "--output",
             str(out),
             "--experiment",  # on CPU it times the composite forward: checks the plumbing, measures nothing
+            "--data-images",
+            "8",
+            "--data-image-size",
+            "32",
+            "--worker-counts",
+            "1",
+            "--fit-steps",
+            "2",
+            "--data-rounds",
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -104,9 +114,15 @@ def test_benchmark_script_runs_every_section_and_writes_json(tmp_path):
     assert saved[("ours (folded)", "bf16")]["output_dtype"] == "torch.bfloat16"
     assert saved[("ours (folded)", "bf16")]["saved_mib"] < saved[("torchvision FrozenBN", "bf16")]["saved_mib"]
     # timings are not asserted (noisy machine): only that each section measured something
-    assert {"ratio", "check_finite_ratio"} <= set(data["lightning"])
+    assert {"ratio", "check_finite_ratio", "deferred_check_ratio"} <= set(data["lightning"])
     assert "guard_hook_s_per_epoch" in data["guard"]
-    assert "pipeline_img_per_s" in data["data"]
+    pipelines = {r["pipeline"]: r for r in data["data"]["pipelines"]}
+    assert set(pipelines) == {"stock (PIL, float on workers)", "ours (uint8, normalised on device)"}
+    assert pipelines["stock (PIL, float on workers)"]["vs_stock"] == 1.0
+    assert all(r["img_per_s"] > 0 for r in pipelines.values())
+    fits = {r["data"]: r for r in data["data"]["fit"]}
+    assert set(fits) == {"synthetic tensors", "JPEG: ours (uint8, normalised on device)"}
+    assert fits["synthetic tensors"]["vs_synthetic_speed"] == 1.0 and all(r["runs"] == 1 for r in fits.values())
     # The profile covers the same network on both sides (resnet18: 20 convolutions per forward) and
     # shows folding's point: fewer elementwise multiply/add launches than detectron2's BN.
     ops = {r["op"]: r for r in data["profile"]["ops"]}
