@@ -133,7 +133,10 @@ class EncodedLoader:
     def __call__(self, path: str) -> tuple[Tensor, Tensor, str]:
         """Return ``(bytes, box, path)`` for one file."""
         try:
-            data = read_file(path)
+            # a plain tensor from the bytes: torchvision.io.read_file's tensor cannot always be sent
+            # from a worker to the main process (its storage has no shareable file descriptor)
+            with open(path, "rb") as f:
+                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
             with Image.open(path) as img:
                 width, height = img.size
         except (UnidentifiedImageError, OSError, RuntimeError) as err:

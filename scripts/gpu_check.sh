@@ -14,4 +14,4 @@ nproc | sed 's/^/cpu cores: /' | tee -a "$out/gpu.txt"
 timeout "${TEST_TIMEOUT:-100}" "$py" -m pytest tests/test_data.py tests/test_norm.py tests/test_benchmark.py tests/test_module.py \
   -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/tests.log"
 timeout "${BENCH_TIMEOUT:-460}" "$py" scripts/benchmark.py --device cuda --output "$out/benchmark.json" "$@" 2>&1 \
-  | grep -v -E "Warning|warn\(|^\s*$|litlogger|available:|LeafSpec|stopped: .max_steps" | tee "$out/benchmark.log"
+  | grep --line-buffered -v -E "Warning|warn\(|^\s*$|litlogger|available:|LeafSpec|stopped: .max_steps" | tee "$out/benchmark.log"
