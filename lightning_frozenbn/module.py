@@ -60,7 +60,7 @@ class FrozenBNClassifier(pl.LightningModule):
         scheduler: LR scheduler factory; None means cosine decay to 0 over the whole run, per step.
     """
 
-    _pending_finite: tuple[Tensor, Tensor, str] | None = None  # the last step's check, check_finite="deferred"
+    _pending_finite: tuple[Tensor, Any, Tensor, str] | None = None  # the last step's check (check_finite="deferred")
 
     def __init__(
         self,
@@ -177,13 +177,21 @@ class FrozenBNClassifier(pl.LightningModule):
         loss = self.compute_loss(self(x), y)
         where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         if self.hparams.check_finite == "deferred":
-            # queued on the device and read at the next step: no host sync now. The all-reduce is
-            # torch.distributed's own: Lightning's strategy.reduce puts a (blocking) barrier before it.
+            # The flag is copied to pinned host memory behind an event, both queued on the stream; the
+            # next step waits for that event only (not for the work queued since), then reads it. A
+            # plain .item() at the next step would wait for everything queued: a full sync, as measured.
             finite = torch.isfinite(loss.detach()).all().int()
             if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(finite)
+                torch.distributed.all_reduce(finite)  # not strategy.reduce: it puts a blocking barrier first
+            event = None
+            if finite.is_cuda:
+                host = torch.empty((), dtype=torch.int32, pin_memory=True)
+                host.copy_(finite, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                finite = host
             self._check_deferred_finite()
-            self._pending_finite = (finite, loss.detach(), where)
+            self._pending_finite = (finite, event, loss.detach(), where)
         elif self.hparams.check_finite:
             finite = bool(torch.isfinite(loss).all())
             if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
@@ -200,7 +208,9 @@ class FrozenBNClassifier(pl.LightningModule):
         pending, self._pending_finite = self._pending_finite, None
         if pending is None:
             return
-        finite, loss, where = pending
+        finite, event, loss, where = pending
+        if event is not None:
+            event.synchronize()
         if int(finite) != self.trainer.world_size:  # every rank reads the same reduced count
             value = loss.item() if not torch.isfinite(loss) else "finite here, non-finite on another rank"
             raise FloatingPointError(

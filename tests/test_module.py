@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torchvision
-from conftest import quiet_trainer, randomize_bn, tiny_loader
+from conftest import quiet_trainer, randomize_bn, requires_gpu, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -247,3 +247,15 @@ def test_compiled_channels_last_bf16_fit_on_cuda(tmp_path):
     t.fit(model, datamodule=TinyData())
     assert guard.epochs_verified == 2
     assert torch.isfinite(t.callback_metrics["train/loss"])
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_deferred_finite_check_on_cuda_reads_the_flag_it_waited_for(tmp_path):
+    # the pinned copy + event path: a finite run must not stop (a read before the copy lands would
+    # see garbage), and a NaN at step 2 must stop at step 3 naming step 2
+    good = FrozenBNClassifier(num_classes=4, arch="resnet18", check_finite="deferred")
+    trainer(tmp_path, accelerator="gpu", max_epochs=3).fit(good, tiny_loader())
+    bad = Exploding(num_classes=4, arch="resnet18", check_finite="deferred")
+    with pytest.raises(FloatingPointError, match=r"not finite at global step 2 .*found one step later"):
+        trainer(tmp_path, accelerator="gpu").fit(bad, tiny_loader())
