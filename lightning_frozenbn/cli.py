@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,12 @@ class FrozenBNCLI(LightningCLI):
             kwargs["logger"] = _default_loggers(root)
         if config.get("plugins") is None:
             kwargs["plugins"] = [AtomicCheckpointIO()]
+        checkpoint = self._get(self.config_init, "checkpoint")
+        if checkpoint is not None and checkpoint.dirpath is None:
+            # One checkpoint folder per run directory, not per logger version: `--ckpt_path last`
+            # then finds the previous run's last.ckpt (Lightning resolves "last" before setup).
+            root = config.get("default_root_dir") or "."
+            checkpoint.dirpath = os.path.realpath(os.path.join(os.path.expanduser(str(root)), "checkpoints"))
         trainer = super().instantiate_trainer(**kwargs)
         if guard is not None:
             trainer.callbacks.insert(0, guard)

@@ -229,8 +229,30 @@ class FrozenBNClassifier(pl.LightningModule):
         self._check_deferred_finite()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Never save weights that a not-yet-checked bad step produced (``check_finite="deferred"``)."""
+        """Make the checkpoint self-contained; never save weights a not-yet-checked bad step produced.
+
+        The trained state is in the state dict, so the saved hyperparameters say ``weights: None``:
+        ``load_from_checkpoint`` and the CLI's ``--ckpt_path`` rebuild the model without reading (or
+        downloading) the initial weights, which an offline node or another machine may not have. The
+        initial weights stay recorded under ``checkpoint["initial_weights"]``.
+        """
         self._check_deferred_finite()
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and hparams.get("weights") is not None:
+            checkpoint["initial_weights"] = hparams["weights"]
+            hparams["weights"] = None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Say which file and epoch a run resumes from."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # load_from_checkpoint: no trainer, nothing resumes
+            return
+        if trainer.ckpt_path and trainer.state.fn == "fit":
+            rank_zero_info(
+                f"Resuming from {trainer.ckpt_path} (saved at epoch {checkpoint.get('epoch')}, "
+                f"global step {checkpoint.get('global_step')})."
+            )
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metrics: nn.ModuleDict) -> None:
         x, y = batch[0], batch[1]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from lightning_frozenbn.cli import main
 
@@ -73,22 +74,28 @@ def predict(tmp_path, ckpt, *extra):
 
 @pytest.mark.slow
 def test_fit_validate_test_predict_from_one_config(tmp_path):
+    weights = tmp_path / "initial.pth"  # a local weights file that later "stays on the training machine"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    fit_args = ["--trainer.limit_train_batches", "8", "--model.init_args.calibrate_bn", "4"]
     fit = cli(
         "fit",
-        *quickstart_args(
-            tmp_path,
-            "--trainer.max_epochs",
-            "1",
-            "--trainer.limit_train_batches",
-            "8",
-            "--model.init_args.calibrate_bn",
-            "4",
-        ),
+        *quickstart_args(tmp_path, "--trainer.max_epochs", "1", "--model.init_args.weights", str(weights), *fit_args),
         cwd=tmp_path,
     )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "bit-identical at epoch 0" in fit.stderr + fit.stdout
-    last = next((tmp_path / "run").rglob("last.ckpt"))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"  # one folder per run directory, not per logger version
+    assert last.is_file()
+    # checkpoints are self-contained: restoring never reads the initial weights file
+    weights.unlink()
+    assert torch.load(last, weights_only=True)["initial_weights"] == str(weights)
+    # `--ckpt_path last` resumes the previous run of this run directory (epoch 1 of 2)
+    resumed = cli(
+        "fit", *quickstart_args(tmp_path, "--trainer.max_epochs", "2", *fit_args), "--ckpt_path", "last", cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {last} (saved at epoch 0" in resumed.stderr + resumed.stdout
+    assert torch.load(last, weights_only=True)["epoch"] == 1
     metrics = next((tmp_path / "run").rglob("metrics.csv"))
     assert f"last checkpoint: {last.relative_to(tmp_path)}" in fit.stdout or str(last) in fit.stdout
     assert "val/acc" in metrics.read_text()

@@ -259,3 +259,17 @@ def test_deferred_finite_check_on_cuda_reads_the_flag_it_waited_for(tmp_path):
     bad = Exploding(num_classes=4, arch="resnet18", check_finite="deferred")
     with pytest.raises(FloatingPointError, match=r"not finite at global step 2 .*found one step later"):
         trainer(tmp_path, accelerator="gpu").fit(bad, tiny_loader())
+
+
+def test_a_checkpoint_restores_without_the_initial_weights_file(tmp_path):
+    weights = tmp_path / "initial.pth"
+    torch.save(randomize_bn(torchvision.models.resnet18(weights=None)).state_dict(), weights)
+    model = FrozenBNClassifier(num_classes=4, arch="resnet18", weights=str(weights))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, callbacks=[ckpt], enable_checkpointing=True, max_steps=2).fit(model, tiny_loader())
+    weights.unlink()  # another machine, an offline node: the file is not there
+    restored = FrozenBNClassifier.load_from_checkpoint(ckpt.last_model_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+    assert restored.hparams.weights is None and model.hparams.weights == str(weights)  # the run's own hparams kept
+    assert torch.load(ckpt.last_model_path, weights_only=True)["initial_weights"] == str(weights)
