@@ -58,6 +58,14 @@ class FrozenBNClassifier(pl.LightningModule):
             already carry the bad step when it stops. False turns the check off.
         optimizer: optimizer factory, set in YAML as ``optimizer: {class_path: torch.optim.AdamW, ...}``.
         scheduler: LR scheduler factory; None means cosine decay to 0 over the whole run, per step.
+        scheduler_interval: when a scheduler given in ``scheduler`` steps: "epoch" or "step"
+            (OneCycleLR and other per-iteration schedules want "step").
+        scheduler_frequency: step the scheduler every this many intervals.
+        scheduler_monitor: the logged metric a ReduceLROnPlateau scheduler watches (default
+            ``val/loss``); ignored by other schedulers.
+        warmup_steps: linear warmup from 0 over this many steps before the default cosine decay.
+        no_decay_norm_bias: no weight decay on biases and normalisation parameters (one-dimensional
+            tensors), the fine-tuning convention of timm and detectron2.
     """
 
     _pending_finite: tuple[Tensor, Any, Tensor, str] | None = None  # the last step's check (check_finite="deferred")
@@ -78,6 +86,11 @@ class FrozenBNClassifier(pl.LightningModule):
         check_finite: bool | Literal["deferred"] = True,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_frequency: int = 1,
+        scheduler_monitor: str = "val/loss",
+        warmup_steps: int = 0,
+        no_decay_norm_bias: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -89,6 +102,11 @@ class FrozenBNClassifier(pl.LightningModule):
             raise ValueError(f"backbone_lr_mult={backbone_lr_mult!r} must be >= 0 (1.0 = same LR as the head).")
         if isinstance(calibrate_bn, bool) or not isinstance(calibrate_bn, int) or calibrate_bn < 0:
             raise ValueError(f"calibrate_bn={calibrate_bn!r} must be a number of batches >= 0 (0 = off).")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval={scheduler_interval!r} is invalid: expected 'epoch' or 'step'.")
+        for name, value, least in (("scheduler_frequency", scheduler_frequency, 1), ("warmup_steps", warmup_steps, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {least}.")
         if check_finite not in (True, False, "deferred"):
             raise ValueError(
                 f"check_finite={check_finite!r} is invalid: expected true (check every step), 'deferred' "
@@ -127,6 +145,14 @@ class FrozenBNClassifier(pl.LightningModule):
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
         groups = [{"params": backbone, "name": "backbone"}, {"params": rest, "name": "head"}]
+        if self.hparams.get("no_decay_norm_bias"):
+            # biases and norm affine parameters are 1-D: decaying them towards 0 only hurts (timm, detectron2)
+            split = []
+            for g in groups:
+                split.append({"params": [p for p in g["params"] if p.dim() > 1], "name": g["name"]})
+                no_decay = [p for p in g["params"] if p.dim() <= 1]
+                split.append({"params": no_decay, "name": g["name"] + "_no_decay", "weight_decay": 0.0})
+            groups = split
         return [g for g in groups if g["params"]]
 
     # ---- Lightning hooks --------------------------------------------------------------------
@@ -286,15 +312,25 @@ class FrozenBNClassifier(pl.LightningModule):
             )
         optimizer = self.optimizer_factory(groups)
         for group in optimizer.param_groups:
-            if group.get("name") == "backbone":
+            if str(group.get("name", "")).startswith("backbone"):
                 group["lr"] *= self.hparams.backbone_lr_mult
+        hp = self.hparams
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+            config = {"scheduler": scheduler, "interval": hp.get("scheduler_interval", "epoch")}
+            config["frequency"] = hp.get("scheduler_frequency", 1)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                config["monitor"] = hp.get("scheduler_monitor", "val/loss")
+            return {"optimizer": optimizer, "lr_scheduler": config}
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        cosine = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-        )
+        warmup = min(hp.get("warmup_steps", 0), total - 1)
+
+        def warmup_cosine(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup)))
+
+        cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
     # ---- export -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from lightning_frozenbn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-OVERLAYS = {"ddp.yaml", "multinode.yaml"}
+OVERLAYS = {"ddp.yaml", "multinode.yaml", "reduce_on_plateau.yaml"}
 
 
 def cli(*args, cwd, timeout=300):
@@ -50,6 +50,11 @@ def test_every_config_parses(config, capsys):
     assert "class_path: lightning_frozenbn.FrozenModuleGuard" in printed
     if config.name == "ddp.yaml":
         assert "broadcast_buffers: false" in printed
+    if config.name == "reduce_on_plateau.yaml":
+        assert "class_path: torch.optim.lr_scheduler.ReduceLROnPlateau" in printed
+        assert "scheduler_monitor: val/loss" in printed and "factor: 0.5" in printed
+    if config.name == "resnet50_finetune.yaml":
+        assert "no_decay_norm_bias: true" in printed and "decode: tensor" in printed
 
 
 def quickstart_args(tmp_path, *extra):

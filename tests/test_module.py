@@ -273,3 +273,80 @@ def test_a_checkpoint_restores_without_the_initial_weights_file(tmp_path):
         assert torch.equal(value, restored.state_dict()[key]), key
     assert restored.hparams.weights is None and model.hparams.weights == str(weights)  # the run's own hparams kept
     assert torch.load(ckpt.last_model_path, weights_only=True)["initial_weights"] == str(weights)
+
+
+def _val_loader():
+    return tiny_loader(n=8, seed=1)
+
+
+def test_reduce_on_plateau_watches_val_loss(tmp_path):
+    from functools import partial
+
+    model = FrozenBNClassifier(
+        num_classes=4, arch="resnet18", scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0)
+    )
+    t = trainer(tmp_path, max_epochs=2)
+    t.fit(model, tiny_loader(), _val_loader())
+    config = t.lr_scheduler_configs[0]
+    assert config.monitor == "val/loss" and config.interval == "epoch"
+    assert isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert config.scheduler.last_epoch == 2  # stepped once per epoch with the monitored value
+
+
+def test_an_unknown_scheduler_monitor_names_the_logged_metrics(tmp_path):
+    from functools import partial
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    model = FrozenBNClassifier(
+        num_classes=4,
+        arch="resnet18",
+        scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau),
+        scheduler_monitor="val/accuracy",
+    )
+    with pytest.raises(MisconfigurationException, match=r"val/accuracy.*not available.*val/loss"):
+        trainer(tmp_path, max_epochs=1).fit(model, tiny_loader(), _val_loader())
+
+
+def test_one_cycle_steps_every_batch_with_interval_step(tmp_path):
+    from functools import partial
+
+    model = FrozenBNClassifier(
+        num_classes=4,
+        arch="resnet18",
+        scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01, total_steps=8),
+        scheduler_interval="step",
+    )
+    t = trainer(tmp_path, max_epochs=2)  # 4 batches per epoch
+    t.fit(model, tiny_loader())
+    assert t.lr_scheduler_configs[0].scheduler.last_epoch == 8
+
+
+def test_default_cosine_with_linear_warmup(tmp_path):
+    model = FrozenBNClassifier(num_classes=4, arch="resnet18", warmup_steps=3)
+    lrs = []
+    model.on_train_batch_start = lambda batch, i: lrs.append(model.optimizers().param_groups[0]["lr"])
+    trainer(tmp_path, max_epochs=3).fit(model, tiny_loader())  # 12 steps, lr 0.01
+    assert lrs[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])  # linear warmup, then the peak
+    assert lrs[4] < 0.01 and lrs == sorted(lrs[:4]) + sorted(lrs[4:], reverse=True)  # then cosine decay
+
+
+def test_no_weight_decay_on_norm_and_bias():
+    from functools import partial
+
+    model = FrozenBNClassifier(
+        num_classes=4,
+        arch="resnet18",
+        freeze_at=0,
+        norm="eval",
+        no_decay_norm_bias=True,
+        scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1),
+    )
+    optimizer = model.configure_optimizers()["optimizer"]
+    decayed = [p for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    free = [p for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert decayed and free and all(p.dim() > 1 for p in decayed) and all(p.dim() == 1 for p in free)
+    assert any(model.classifier.bias is p for p in free) and any(model.classifier.weight is p for p in decayed)
+    norm_affine = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() == 1 and "bn" in n]
+    assert norm_affine and all(any(w is p for p in free) for w in norm_affine)  # trainable norm affine: no decay
+    assert {id(p) for p in decayed + free} == {id(p) for p in model.parameters() if p.requires_grad}
