@@ -69,6 +69,32 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+class _ImageFolder(ImageFolder):
+    """torchvision's ImageFolder minus hidden entries (``.ipynb_checkpoints/``, macOS ``._x.jpg`` files).
+
+    torchvision counts a hidden folder as a class: labels would then disagree with ``num_classes``
+    (which skips it) and with the other splits; a hidden ``._x.jpg`` is not an image at all.
+    """
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes = _class_dirs(Path(directory))
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(
+        directory: str | Path,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Any = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        def visible_image(path: str) -> bool:
+            parts = Path(path).relative_to(directory).parts
+            return not any(p.startswith(".") for p in parts) and path.lower().endswith(IMG_EXTENSIONS)
+
+        return ImageFolder.make_dataset(directory, class_to_idx, None, visible_image, allow_empty)
+
+
 class ImageFolderDataModule(pl.LightningDataModule):
     """Images in ``root/train/<class>/``, ``root/val/<class>/`` and optionally ``root/test/<class>/``.
 
@@ -154,7 +180,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
     @property
     def num_classes(self) -> int:
         """Number of class folders in the train split (linked into the model by the CLI)."""
-        return len(self._check_split("train"))
+        classes = self._check_split("train")
+        if len(classes) < 2:
+            raise DataError(
+                f"{str(self.root / 'train')!r} has one class folder ({classes[0]!r}): a classifier needs at "
+                "least two. Put each class's images in its own folder under train/ and val/."
+            )
+        return len(classes)
 
     @property
     def classes(self) -> list[str]:
@@ -214,9 +246,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
             )
         if self._use_gpu_decode():
             loader = EncodedLoader(self.image_size, train and self.augment, self.min_scale, self.hflip)
-            return ImageFolder(str(self.root / split), loader=loader)
+            return _ImageFolder(str(self.root / split), loader=loader)
         loader = load_rgb if self.decode == "pil" else decode_file
-        return ImageFolder(str(self.root / split), transform=self._transform(train), loader=loader)
+        return _ImageFolder(str(self.root / split), transform=self._transform(train), loader=loader)
 
     def _use_gpu_decode(self) -> bool:
         if self._gpu_decode is None:

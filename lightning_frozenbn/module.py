@@ -93,10 +93,11 @@ class FrozenBNClassifier(pl.LightningModule):
         no_decay_norm_bias: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(
-                f"num_classes={num_classes!r} is invalid: expected an integer >= 1 (the number of class "
-                "folders in your data). With the CLI it is taken from the data module; do not set it twice."
+                f"num_classes={num_classes!r} is invalid: expected an integer >= 2 (the number of class "
+                "folders in your data; a classifier needs two). With the CLI it is taken from the data module; "
+                "do not set it twice."
             )
         if not backbone_lr_mult >= 0:
             raise ValueError(f"backbone_lr_mult={backbone_lr_mult!r} must be >= 0 (1.0 = same LR as the head).")
@@ -112,6 +113,13 @@ class FrozenBNClassifier(pl.LightningModule):
                 f"check_finite={check_finite!r} is invalid: expected true (check every step), 'deferred' "
                 "(check one step later, no device sync) or false (off)."
             )
+        try:  # a bad optimizer setting (lr < 0, momentum > 1, ...) fails here, named, not mid-fit
+            optimizer([nn.Parameter(torch.zeros(1))])
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"The optimizer rejects its settings: {err}. Fix `model.init_args.optimizer.init_args` "
+                "(for example lr: 0.01)."
+            ) from err
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler

@@ -38,6 +38,8 @@ no traceback, and leaves the files of an earlier run untouched.
 | 33 | checkpoint | truncated checkpoint                               | the path + "truncated"            |
 | 34 | checkpoint | checkpoint trained with another num_classes        | both class counts                 |
 | 35 | checkpoint | a checkpoint pickle that would run code            | "Refused" (marker never created)  |
+| 36 | optimizer  | negative learning rate                             | the value + the key to fix        |
+| 37 | data       | a dataset with a single class folder               | the folder + "at least two"       |
 """
 
 import shutil
@@ -186,6 +188,18 @@ def case(world, name):
             ["num_classes=4", "10 classes"],
         ),
         "ckpt-evil": (["--ckpt_path", str(world / "evil.ckpt")], ["Refused"]),
+        "negative-lr": (
+            ["--model.init_args.optimizer.init_args.lr", "-0.1"],
+            ["Invalid learning rate: -0.1", "model.init_args.optimizer.init_args"],
+        ),
+        "single-class": (
+            [
+                *imagefolder,
+                "--data.init_args.root",
+                tree_variant(world, "oneclass", lambda r: [shutil.rmtree(r / s / "b") for s in ("train", "val")]),
+            ],
+            ["one class folder \\('a'\\)", "at least two"],
+        ),
     }
     return cases[name]
 
@@ -226,6 +240,8 @@ CASES = [
     "ckpt-truncated",
     "ckpt-other-classes",
     "ckpt-evil",
+    "negative-lr",
+    "single-class",
 ]
 
 

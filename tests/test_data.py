@@ -65,6 +65,22 @@ def test_layout_errors_are_clear(tmp_path, damage, match):
         dm.setup("fit")
 
 
+def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
+    root = make_tree(tmp_path)
+    for split in ("train", "val"):  # a notebook's checkpoint folder and a macOS resource fork
+        (root / split / ".ipynb_checkpoints").mkdir()
+        Image.new("RGB", (40, 40)).save(root / split / ".ipynb_checkpoints" / "x.png")
+        (root / split / "dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    dm = ImageFolderDataModule(root, image_size=32, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    assert dm.num_classes == 2 and dm.classes == ["cat", "dog"]
+    for split in ("train", "val"):
+        ds = dm.datasets[split]
+        assert ds.classes == ["cat", "dog"] and sorted({label for _, label in ds.samples}) == [0, 1]
+        assert len(ds) == 6 and not any("/." in path for path, _ in ds.samples)
+    next(iter(dm.train_dataloader()))  # and no undecodable ._ file in the batches
+
+
 def test_an_undecodable_image_is_named(tmp_path):
     root = make_tree(tmp_path)
     (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG but not really")

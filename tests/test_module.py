@@ -130,7 +130,7 @@ def test_deferred_check_still_catches_the_last_step(tmp_path, where):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_classes": 0}, "num_classes=0 is invalid: expected an integer >= 1"),
+        ({"num_classes": 1}, "num_classes=1 is invalid: expected an integer >= 2"),
         ({"num_classes": 4, "backbone_lr_mult": -1.0}, "backbone_lr_mult=-1.0 must be >= 0"),
         ({"num_classes": 4, "calibrate_bn": -2}, "calibrate_bn=-2 must be a number of batches"),
         ({"num_classes": 4, "check_finite": "later"}, "check_finite='later' is invalid: expected true"),
