@@ -94,6 +94,10 @@ class FrozenBNCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config)
         given = config.get("model", {}).get("init_args", {}).get("num_classes")
         self._checkpoint_num_classes = given if config.get("ckpt_path") else None
+        data_args = config.get("data", {}).get("init_args")
+        if config.get("ckpt_path") and data_args is not None and "class_names" in data_args:
+            if data_args.get("class_names") is None:  # the checkpoint knows the names: no training data needed
+                data_args["class_names"] = _checkpoint_class_names(config.get("ckpt_path"))
         if given is not None and not config.get("ckpt_path"):
             self.parser.error(
                 f"`model.init_args.num_classes: {given}` is set by hand, but it is linked from the data module "
@@ -156,6 +160,16 @@ class FrozenBNCLI(LightningCLI):
             if isinstance(logger, CSVLogger):
                 lines.append(f"metrics: {Path(logger.log_dir) / 'metrics.csv'}")
         print("\n".join(lines), flush=True)
+
+
+def _checkpoint_class_names(path: str | Path) -> list[str] | None:
+    import torch
+
+    try:
+        names = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("class_names")
+    except Exception:  # an older or foreign checkpoint: the names come from the data folders
+        return None
+    return list(names) if isinstance(names, (list, tuple)) else None
 
 
 def _default_loggers(root: str) -> list[Logger]:

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -95,6 +95,31 @@ class _ImageFolder(ImageFolder):
         return ImageFolder.make_dataset(directory, class_to_idx, None, visible_image, allow_empty)
 
 
+class _UnlabelledImages(Dataset):
+    """Every visible image file under ``root``, recursively, in sorted path order; labels are -1."""
+
+    def __init__(self, root: Path, classes: list[str], loader: Any, transform: Any) -> None:
+        files = sorted(
+            p
+            for p in root.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMG_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        if not files:
+            raise DataError(f"predict_root {str(root)!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)}).")
+        self.samples = [(str(p), -1) for p in files]
+        self.classes, self.loader, self.transform = classes, loader, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, target = self.samples[index]
+        sample = self.loader(path)
+        return (sample if self.transform is None else self.transform(sample)), target
+
+
 class ImageFolderDataModule(pl.LightningDataModule):
     """Images in ``root/train/<class>/``, ``root/val/<class>/`` and optionally ``root/test/<class>/``.
 
@@ -128,6 +153,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         seed: seed of the per-epoch shuffle order (see :class:`EpochShuffleSampler`).
         decode: "tensor" (torchvision.io + uint8 transforms, normalised on the device) or "pil".
         decode_device: "cpu" (decode on the workers) or "cuda" (batched nvJPEG decode on the GPU).
+        predict_root: a folder of new, unlabelled images (searched recursively, no class folders) that
+            ``predict`` runs on instead of ``predict_split``.
+        class_names: the class names in label order. Default: the train split's folder names. The CLI
+            sets them from the checkpoint given with ``--ckpt_path`` (stored there at fit time), so a
+            machine without the training data can still predict with named classes.
     """
 
     def __init__(
@@ -144,8 +174,14 @@ class ImageFolderDataModule(pl.LightningDataModule):
         seed: int = 0,
         decode: Literal["tensor", "pil"] = "tensor",
         decode_device: Literal["cpu", "cuda"] = "cpu",
+        predict_root: str | Path | None = None,
+        class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
+        if class_names is not None and (len(set(class_names)) != len(class_names) or len(class_names) < 2):
+            raise DataError(
+                f"class_names={class_names!r} is invalid: expected at least two distinct names, in label order."
+            )
         if decode not in DECODERS:
             raise DataError(
                 f"decode={decode!r} is invalid: expected one of {DECODERS} ('tensor' = torchvision.io decode "
@@ -173,6 +209,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.augment, self.seed = augment, seed
         self.decode, self.decode_device = decode, decode_device
+        self.predict_root = None if predict_root is None else Path(predict_root)
+        self.class_names = None if class_names is None else list(class_names)
         self.datasets: dict[str, ImageFolder] = {}
         self._gpu_decode: bool | None = None  # decided at setup, when the trainer's device is known
         self._mean, self._std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
@@ -180,7 +218,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     @property
     def num_classes(self) -> int:
         """Number of class folders in the train split (linked into the model by the CLI)."""
-        classes = self._check_split("train")
+        classes = self.classes
         if len(classes) < 2:
             raise DataError(
                 f"{str(self.root / 'train')!r} has one class folder ({classes[0]!r}): a classifier needs at "
@@ -190,7 +228,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     @property
     def classes(self) -> list[str]:
-        """Class names, in label order."""
+        """Class names, in label order: ``class_names`` when given, else the train split's folders."""
+        if self.class_names is not None:
+            return self.class_names
+        if self.predict_root is not None and not (self.root / "train").is_dir():
+            raise DataError(
+                "predict_root needs the class names and there is no train split to read them from: run "
+                "`predict` with --ckpt_path of a checkpoint trained by this package (it stores them), or set "
+                "`data.init_args.class_names`."
+            )
         return self._check_split("train")
 
     def _check_split(self, split: str) -> list[str]:
@@ -235,7 +281,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _dataset(self, split: str, train: bool) -> ImageFolder:
         classes = self._check_split(split)
-        train_classes = classes if split == "train" else self._check_split("train")
+        train_classes = self.classes if split != "train" or self.class_names is not None else classes
         if classes != train_classes:
             only_train = sorted(set(train_classes) - set(classes))
             only_here = sorted(set(classes) - set(train_classes))
@@ -301,7 +347,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if stage == "test":
             self.datasets["test"] = self._dataset("test", train=False)
         if stage == "predict":
-            self.datasets["predict"] = self._dataset(self.predict_split, train=False)
+            if self.predict_root is None:
+                self.datasets["predict"] = self._dataset(self.predict_split, train=False)
+            else:
+                self.datasets["predict"] = self._unlabelled(self.predict_root)
+
+    def _unlabelled(self, root: Path) -> _UnlabelledImages:
+        if not root.is_dir():
+            raise DataError(f"predict_root {str(root)!r} does not exist: point it at a folder of images.")
+        if self._use_gpu_decode():
+            return _UnlabelledImages(root, self.classes, EncodedLoader(self.image_size, False), None)
+        loader = load_rgb if self.decode == "pil" else decode_file
+        return _UnlabelledImages(root, self.classes, loader, self._transform(False))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
@@ -365,6 +422,8 @@ class DigitsDataModule(ImageFolderDataModule):
         seed: int = 0,
         decode: Literal["tensor", "pil"] = "tensor",
         decode_device: Literal["cpu", "cuda"] = "cpu",
+        predict_root: str | Path | None = None,
+        class_names: list[str] | None = None,
     ) -> None:
         super().__init__(
             root,
@@ -379,6 +438,8 @@ class DigitsDataModule(ImageFolderDataModule):
             seed,
             decode,
             decode_device,
+            predict_root,
+            class_names,
         )
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction={val_fraction!r} is invalid: expected a fraction in (0, 1), e.g. 0.2.")

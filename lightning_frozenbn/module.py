@@ -271,6 +271,12 @@ class FrozenBNClassifier(pl.LightningModule):
         initial weights stay recorded under ``checkpoint["initial_weights"]``.
         """
         self._check_deferred_finite()
+        try:  # the class names, so that `predict` elsewhere writes names (see ImageFolderDataModule.class_names)
+            names = getattr(self.trainer.datamodule, "classes", None)
+        except (RuntimeError, ValueError):  # no trainer / a data module that cannot tell
+            names = None
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            checkpoint["class_names"] = list(names)
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict) and hparams.get("weights") is not None:
             checkpoint["initial_weights"] = hparams["weights"]

@@ -119,6 +119,29 @@ def test_fit_validate_test_predict_from_one_config(tmp_path):
     assert len(rows) == len(list((tmp_path / "digits" / "val").rglob("*.png")))
     assert rows[0]["file"].endswith(".png") and rows[0]["predicted_class"] in {str(d) for d in range(10)}
     assert 0 < float(rows[0]["probability"]) <= 1
+    # new, unlabelled images on a machine without the training data: names come from the checkpoint
+    new = tmp_path / "new_images" / "batch1"
+    new.mkdir(parents=True)
+    for png in sorted((tmp_path / "digits" / "val" / "7").glob("*.png"))[:3]:
+        shutil.copy(png, new / png.name)
+    shutil.rmtree(tmp_path / "digits")
+    unlabelled = cli(
+        "predict",
+        *quickstart_args(tmp_path),
+        "--data.class_path",
+        "lightning_frozenbn.ImageFolderDataModule",
+        "--data.init_args.predict_root",
+        str(tmp_path / "new_images"),
+        "--ckpt_path",
+        str(last),
+        "--prediction_writer.output",
+        str(tmp_path / "new.csv"),
+        cwd=tmp_path,
+    )
+    assert unlabelled.returncode == 0, unlabelled.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "new.csv")))
+    assert [r["file"] for r in rows] == [str(p) for p in sorted(new.glob("*.png"))]
+    assert all(r["predicted_class"] in {str(d) for d in range(10)} for r in rows)
 
 
 @pytest.mark.parametrize(

@@ -351,3 +351,32 @@ def test_fit_with_gpu_decode(tmp_path):
     x = _Recorder.seen[0]
     assert x.device.type == "cuda" and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
     assert -2.2 < x.min() and x.max() < 2.7  # ImageNet-normalised range
+
+
+def test_predict_root_reads_any_folder_of_images_in_a_stable_order(tmp_path):
+    new = tmp_path / "new_images"
+    for rel in ("b/2.png", "a/x/1.jpg", "0.png", ".hidden/3.png", "a/._4.jpg"):
+        (new / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), (10, 200, 30)).save(new / rel, format="PNG" if rel.endswith("png") else "JPEG")
+    (new / "notes.txt").write_text("not an image")
+    dm = ImageFolderDataModule(
+        tmp_path / "no_training_data",
+        image_size=32,
+        batch_size=2,
+        num_workers=0,
+        predict_root=new,
+        class_names=["cat", "dog"],
+    )
+    dm.setup("predict")
+    ds = dm.datasets["predict"]
+    assert [p for p, _ in ds.samples] == [str(new / r) for r in ("0.png", "a/x/1.jpg", "b/2.png")]
+    assert ds.classes == ["cat", "dog"] and dm.num_classes == 2
+    x, y = next(iter(dm.predict_dataloader()))
+    assert x.shape == (2, 3, 32, 32) and y.tolist() == [-1, -1]
+    with pytest.raises(DataError, match="predict_root needs the class names"):
+        _ = ImageFolderDataModule(tmp_path / "no_training_data", predict_root=new).num_classes
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        ImageFolderDataModule(tmp_path, predict_root=tmp_path / "empty", class_names=["a", "b"]).setup("predict")
+    with pytest.raises(DataError, match="class_names=\\['a'\\] is invalid"):
+        ImageFolderDataModule(tmp_path, class_names=["a"])
