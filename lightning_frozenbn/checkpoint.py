@@ -56,6 +56,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, path: str | Path, map_location: Callable | Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         """Read with the safe loader; explain unreadable files and point at earlier checkpoints."""
+        if weights_only is False:  # `--weights_only false`: asked for the unsafe loader, and not given it silently
+            raise CheckpointError(
+                f"weights_only=False is refused for {str(path)!r}: this checkpoint IO loads with the safe loader "
+                "only (torch.load(weights_only=True)), and checkpoints written by this package need nothing else. "
+                "Drop `--weights_only false`; to load a foreign checkpoint you trust that needs pickled objects, "
+                "set `trainer.plugins` to another CheckpointIO."
+            )
         if not _is_local_file_protocol(path):
             return super().load_checkpoint(path, map_location, weights_only=True)
         path = Path(path)

@@ -472,9 +472,19 @@ class DigitsDataModule(ImageFolderDataModule):
                 pixels = (digits.images[index] * (255.0 / 16.0)).round().astype("uint8")
                 Image.fromarray(pixels).save(folder / f"{index:04d}.png")
         (tmp / ".complete").write_text(f"sklearn load_digits, val_fraction={self.val_fraction}, seed={self.seed}\n")
-        if self.root.exists():
-            shutil.rmtree(self.root)
-        os.replace(tmp, self.root)
+        # Several nodes on a shared filesystem may write at once (prepare_data runs once per node): the
+        # first complete tree wins and is never deleted; the others drop their own copy.
+        if (self.root / ".complete").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if self.root.exists():  # an incomplete leftover of a killed writer
+            shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            os.replace(tmp, self.root)
+        except OSError:
+            if not (self.root / ".complete").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another node replaced it first
 
 
 class PredictionWriter(BasePredictionWriter):

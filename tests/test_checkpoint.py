@@ -63,6 +63,18 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_weights_only_false_is_refused_not_ignored(tmp_path):
+    """Lightning passes `--weights_only false` to the checkpoint IO: it must not be dropped silently."""
+    marker = tmp_path / "pwned"
+    write_evil_pickle(tmp_path / "evil.ckpt", marker)
+    with pytest.raises(CheckpointError, match="weights_only=False is refused.*Drop `--weights_only false`"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "evil.ckpt", weights_only=False)
+    assert not marker.exists()
+    torch.save({"x": torch.ones(1)}, tmp_path / "ok.ckpt")
+    for weights_only in (None, True):
+        assert AtomicCheckpointIO().load_checkpoint(tmp_path / "ok.ckpt", weights_only=weights_only)["x"] == 1
+
+
 def test_last_ckpt_is_always_the_latest_epoch(tmp_path):
     from conftest import tiny_loader
     from lightning.pytorch import Trainer

@@ -380,3 +380,32 @@ def test_predict_root_reads_any_folder_of_images_in_a_stable_order(tmp_path):
         ImageFolderDataModule(tmp_path, predict_root=tmp_path / "empty", class_names=["a", "b"]).setup("predict")
     with pytest.raises(DataError, match="class_names=\\['a'\\] is invalid"):
         ImageFolderDataModule(tmp_path, class_names=["a"])
+
+
+@pytest.mark.parametrize("when", ["while-writing", "at-the-rename"])
+def test_digits_written_concurrently_keep_the_first_complete_tree(tmp_path, monkeypatch, when):
+    """Two nodes on a shared filesystem: the one that finishes second must not delete the first's tree."""
+    import os
+
+    import lightning_frozenbn.data as data
+
+    root, raced = tmp_path / "digits", []
+
+    def other_node_finishes(original):
+        def wrapper(*args, **kwargs):
+            if not raced:
+                raced.append(True)
+                DigitsDataModule(root=root).prepare_data()  # completes while we are still busy
+                (root / "in-use-by-the-other-node").write_text("reading")
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    if when == "while-writing":
+        monkeypatch.setattr(data.Image, "fromarray", other_node_finishes(data.Image.fromarray))
+    else:
+        monkeypatch.setattr(data.os, "replace", other_node_finishes(os.replace))
+    DigitsDataModule(root=root).prepare_data()
+    assert raced and (root / "in-use-by-the-other-node").is_file() and (root / ".complete").is_file()
+    assert len(list(root.rglob("*.png"))) == 1797
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".digits-")]  # no leftover copy
