@@ -192,6 +192,24 @@ def _torchvision_weights(arch: str, name: str) -> WeightsEnum:
     )
 
 
+def eval_resize_for(arch: str, weights: str | Path | WeightsEnum | None, image_size: int) -> int | None:
+    """The evaluation resize that torchvision weights were evaluated with, scaled to ``image_size``.
+
+    ``IMAGENET1K_V2`` weights expect resize 232 then crop 224, ``IMAGENET1K_V1`` 256 then 224 (their
+    ``transforms()`` preset); the classic ``image_size / 0.875`` rule fits only the latter. Returns
+    None (use the classic rule) for random init or a weights file, whose preset is unknown. Reads the
+    enum's metadata only: nothing is downloaded.
+    """
+    if weights is None or (isinstance(weights, (str, Path)) and _looks_like_path(str(weights))):
+        return None
+    enum = weights if isinstance(weights, WeightsEnum) else _torchvision_weights(arch, str(weights))
+    preset = enum.transforms()
+    resize, crop = getattr(preset, "resize_size", None), getattr(preset, "crop_size", None)
+    if not resize or not crop:
+        return None
+    return round(image_size * resize[0] / crop[0])
+
+
 def build_resnet(
     arch: str = "resnet50",
     weights: str | Path | WeightsEnum | None = None,

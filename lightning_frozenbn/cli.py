@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from lightning_frozenbn.backbone import WeightsMismatchError
+from lightning_frozenbn.backbone import WeightsMismatchError, eval_resize_for
 from lightning_frozenbn.checkpoint import AtomicCheckpointIO, CheckpointError, ResumableCheckpoint
 from lightning_frozenbn.data import DataError, ImageFolderDataModule, PredictionWriter
 from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, GuardConfigError
@@ -98,6 +98,17 @@ class FrozenBNCLI(LightningCLI):
         if config.get("ckpt_path") and data_args is not None and "class_names" in data_args:
             if data_args.get("class_names") is None:  # the checkpoint knows the names: no training data needed
                 data_args["class_names"] = _checkpoint_class_names(config.get("ckpt_path"))
+        model_args = config.get("model", {}).get("init_args", {})
+        if data_args is not None and "eval_resize" in data_args and data_args.get("eval_resize") is None:
+            # evaluate as the weights were evaluated: IMAGENET1K_V2 wants resize 232 for a 224 crop, not 256
+            weights = model_args.get("weights")
+            if _checkpoint_initial_weights(config.get("ckpt_path")) is not None and weights is None:
+                weights = _checkpoint_initial_weights(config.get("ckpt_path"))
+            try:
+                resize = eval_resize_for(model_args.get("arch", "resnet50"), weights, data_args.get("image_size", 224))
+            except (ValueError, KeyError):
+                resize = None  # an unknown name is reported when the model is built
+            data_args["eval_resize"] = resize
         if given is not None and not config.get("ckpt_path"):
             self.parser.error(
                 f"`model.init_args.num_classes: {given}` is set by hand, but it is linked from the data module "
@@ -162,14 +173,25 @@ class FrozenBNCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
-def _checkpoint_class_names(path: str | Path) -> list[str] | None:
+def _checkpoint_entry(path: str | Path | None, key: str) -> Any:
     import torch
 
-    try:
-        names = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("class_names")
-    except Exception:  # an older or foreign checkpoint: the names come from the data folders
+    if not path:
         return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
+    except Exception:  # an older or foreign checkpoint, or "last": the data folders and config decide
+        return None
+
+
+def _checkpoint_class_names(path: str | Path | None) -> list[str] | None:
+    names = _checkpoint_entry(path, "class_names")
     return list(names) if isinstance(names, (list, tuple)) else None
+
+
+def _checkpoint_initial_weights(path: str | Path | None) -> str | None:
+    weights = _checkpoint_entry(path, "initial_weights")
+    return weights if isinstance(weights, str) else None
 
 
 def _default_loggers(root: str) -> list[Logger]:

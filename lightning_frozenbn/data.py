@@ -155,6 +155,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         decode_device: "cpu" (decode on the workers) or "cuda" (batched nvJPEG decode on the GPU).
         predict_root: a folder of new, unlabelled images (searched recursively, no class folders) that
             ``predict`` runs on instead of ``predict_split``.
+        eval_resize: the shorter side evaluation images are resized to before the centre crop. Default
+            ``round(image_size / 0.875)``; the CLI sets it from a torchvision weight's preset
+            (``IMAGENET1K_V2``: 232 for 224), see :func:`lightning_frozenbn.backbone.eval_resize_for`.
         class_names: the class names in label order. Default: the train split's folder names. The CLI
             sets them from the checkpoint given with ``--ckpt_path`` (stored there at fit time), so a
             machine without the training data can still predict with named classes.
@@ -176,8 +179,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         decode_device: Literal["cpu", "cuda"] = "cpu",
         predict_root: str | Path | None = None,
         class_names: list[str] | None = None,
+        eval_resize: int | None = None,
     ) -> None:
         super().__init__()
+        if eval_resize is not None and (isinstance(eval_resize, bool) or not isinstance(eval_resize, int)):
+            raise DataError(f"eval_resize={eval_resize!r} is invalid: expected an integer >= image_size, or null.")
         if class_names is not None and (len(set(class_names)) != len(class_names) or len(class_names) < 2):
             raise DataError(
                 f"class_names={class_names!r} is invalid: expected at least two distinct names, in label order."
@@ -209,6 +215,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.augment, self.seed = augment, seed
         self.decode, self.decode_device = decode, decode_device
+        if eval_resize is not None and eval_resize < image_size:
+            raise DataError(
+                f"eval_resize={eval_resize} is smaller than image_size={image_size}: the centre crop would not fit."
+            )
+        self.eval_resize = round(image_size / 0.875) if eval_resize is None else eval_resize
         self.predict_root = None if predict_root is None else Path(predict_root)
         self.class_names = None if class_names is None else list(class_names)
         self.datasets: dict[str, ImageFolder] = {}
@@ -272,12 +283,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
             if augment:
                 flip = [T.RandomHorizontalFlip()] if self.hflip else []
                 return T.Compose([T.RandomResizedCrop(size, scale=(self.min_scale, 1.0)), *flip, *normalize])
-            return T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), *normalize])
+            return T.Compose([T.Resize(self.eval_resize), T.CenterCrop(size), *normalize])
         # uint8 in, uint8 out: the same sampling as above (v2 draws the same random numbers in the same order)
         if augment:
             flip = [v2.RandomHorizontalFlip()] if self.hflip else []
             return v2.Compose([v2.RandomResizedCrop(size, scale=(self.min_scale, 1.0), antialias=True), *flip])
-        return v2.Compose([v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)])
+        return v2.Compose([v2.Resize(self.eval_resize, antialias=True), v2.CenterCrop(size)])
 
     def _dataset(self, split: str, train: bool) -> ImageFolder:
         classes = self._check_split(split)
@@ -291,7 +302,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 "the same class folders."
             )
         if self._use_gpu_decode():
-            loader = EncodedLoader(self.image_size, train and self.augment, self.min_scale, self.hflip)
+            augment = train and self.augment
+            loader = EncodedLoader(self.image_size, augment, self.min_scale, self.hflip, self.eval_resize)
             return _ImageFolder(str(self.root / split), loader=loader)
         loader = load_rgb if self.decode == "pil" else decode_file
         return _ImageFolder(str(self.root / split), transform=self._transform(train), loader=loader)
@@ -356,7 +368,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if not root.is_dir():
             raise DataError(f"predict_root {str(root)!r} does not exist: point it at a folder of images.")
         if self._use_gpu_decode():
-            return _UnlabelledImages(root, self.classes, EncodedLoader(self.image_size, False), None)
+            loader = EncodedLoader(self.image_size, False, eval_resize=self.eval_resize)
+            return _UnlabelledImages(root, self.classes, loader, None)
         loader = load_rgb if self.decode == "pil" else decode_file
         return _UnlabelledImages(root, self.classes, loader, self._transform(False))
 
@@ -424,6 +437,7 @@ class DigitsDataModule(ImageFolderDataModule):
         decode_device: Literal["cpu", "cuda"] = "cpu",
         predict_root: str | Path | None = None,
         class_names: list[str] | None = None,
+        eval_resize: int | None = None,
     ) -> None:
         super().__init__(
             root,
@@ -440,6 +454,7 @@ class DigitsDataModule(ImageFolderDataModule):
             decode_device,
             predict_root,
             class_names,
+            eval_resize,
         )
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction={val_fraction!r} is invalid: expected a fraction in (0, 1), e.g. 0.2.")

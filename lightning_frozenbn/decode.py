@@ -121,14 +121,17 @@ class EncodedLoader:
 
     Args:
         image_size: the crop fed to the network.
-        train: random-resized crop (+ flip) when True; resize to ``image_size / 0.875`` and centre
-            crop when False.
+        train: random-resized crop (+ flip) when True; resize to ``eval_resize`` and centre crop when False.
         min_scale: smallest crop area fraction.
         hflip: random horizontal flips (training only).
+        eval_resize: the evaluation resize (default ``round(image_size / 0.875)``).
     """
 
-    def __init__(self, image_size: int, train: bool, min_scale: float = 0.08, hflip: bool = True) -> None:
+    def __init__(
+        self, image_size: int, train: bool, min_scale: float = 0.08, hflip: bool = True, eval_resize: int | None = None
+    ) -> None:
         self.image_size, self.train, self.min_scale, self.hflip = image_size, train, min_scale, hflip
+        self.eval_resize = round(image_size / 0.875) if eval_resize is None else eval_resize
 
     def __call__(self, path: str) -> tuple[Tensor, Tensor, str]:
         """Return ``(bytes, box, path)`` for one file."""
@@ -147,7 +150,7 @@ class EncodedLoader:
             flip = int(self.hflip and bool(torch.rand(1) < 0.5))
             box = (top, left, h, w, self.image_size, self.image_size, flip)
         else:
-            rh, rw = _resized_size(height, width, round(self.image_size / 0.875))
+            rh, rw = _resized_size(height, width, self.eval_resize)
             box = (0, 0, height, width, rh, rw, 0)
         return data, torch.tensor(box, dtype=torch.int64), path
 

@@ -147,3 +147,12 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Refused to load"):
         build_resnet("resnet18", weights=str(tmp_path / "evil.pth"))
     assert not marker.exists()
+
+
+def test_eval_resize_follows_the_weights_preset():
+    from lightning_frozenbn.backbone import eval_resize_for
+
+    assert eval_resize_for("resnet50", "IMAGENET1K_V2", 224) == 232  # not 256: V2 was evaluated at 232
+    assert eval_resize_for("resnet50", "IMAGENET1K_V1", 224) == 256
+    assert eval_resize_for("resnet50", "DEFAULT", 112) == 116  # scaled to the crop size in use
+    assert eval_resize_for("resnet18", None, 224) is None and eval_resize_for("resnet18", "my/r18.pth", 224) is None

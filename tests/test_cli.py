@@ -318,3 +318,20 @@ def test_a_stopped_run_exits_1_with_one_error_line(tmp_path, capsys, extra, mess
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), err[-2000:]
+
+
+def test_eval_transform_follows_the_torchvision_weights_preset(tmp_path, monkeypatch):
+    """`weights: IMAGENET1K_V2` evaluates with resize 232 for a 224 crop (scaled: 33 for 32), as torchvision did."""
+    from torchvision.models._api import WeightsEnum
+
+    from lightning_frozenbn import DigitsDataModule
+    from lightning_frozenbn.cli import FrozenBNCLI
+
+    DigitsDataModule(root=tmp_path / "digits").prepare_data()
+    # offline: the "download" returns a local state dict of the right architecture
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: torchvision.models.resnet50().state_dict())
+    args = [*quickstart_args(tmp_path), "--model.init_args.arch", "resnet50"]
+    cli_v2 = FrozenBNCLI(args=[*args, "--model.init_args.weights", "IMAGENET1K_V2"], run=False)
+    assert cli_v2.datamodule.eval_resize == 33
+    assert cli_v2.datamodule._transform(train=False).transforms[0].size == [33]
+    assert FrozenBNCLI(args=args, run=False).datamodule.eval_resize == 37  # random init: the classic 1/0.875
