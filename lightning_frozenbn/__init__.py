@@ -3,6 +3,7 @@
 from lightning_frozenbn.backbone import ARCHS, NORMS, ResNetBackbone, ResNetHead, WeightsMismatchError, build_resnet
 from lightning_frozenbn.checkpoint import AtomicCheckpointIO, CheckpointError, ResumableCheckpoint
 from lightning_frozenbn.data import DataError, DigitsDataModule, ImageFolderDataModule, PredictionWriter
+from lightning_frozenbn.ema import FrozenEMA
 from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, find_frozen_modules, is_frozen_norm
 from lightning_frozenbn.module import FrozenBNClassifier
 from lightning_frozenbn.norm import (
@@ -32,6 +33,7 @@ __all__ = [
     "FoldedFrozenBatchNorm2d",
     "FoldedFrozenBatchNormAct2d",
     "FrozenBNClassifier",
+    "FrozenEMA",
     "FrozenModuleGuard",
     "FrozenStateViolation",
     "ResNetBackbone",

@@ -13,7 +13,7 @@ from lightning_frozenbn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-OVERLAYS = {"ddp.yaml", "multinode.yaml", "reduce_on_plateau.yaml"}
+OVERLAYS = {"ddp.yaml", "multinode.yaml", "reduce_on_plateau.yaml", "ema.yaml"}
 
 
 def cli(*args, cwd, timeout=300):
@@ -50,6 +50,8 @@ def test_every_config_parses(config, capsys):
     assert "class_path: lightning_frozenbn.FrozenModuleGuard" in printed
     if config.name == "ddp.yaml":
         assert "broadcast_buffers: false" in printed
+    if config.name == "ema.yaml":
+        assert "class_path: lightning_frozenbn.FrozenEMA" in printed and "decay: 0.999" in printed
     if config.name == "reduce_on_plateau.yaml":
         assert "class_path: torch.optim.lr_scheduler.ReduceLROnPlateau" in printed
         assert "scheduler_monitor: val/loss" in printed and "factor: 0.5" in printed
