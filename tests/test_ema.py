@@ -21,7 +21,7 @@ def test_lerp_ema_is_exact_on_unchanged_tensors_and_averages_the_rest():
     assert torch.equal(update(counter, torch.tensor([7]), torch.tensor(1)), torch.tensor([7]))
 
 
-def _fit(tmp_path, ema, resume=None, epochs=2):
+def _fit(tmp_path, ema, resume=None, epochs=1):
     torch.manual_seed(0)
     model = randomize_bn(FrozenBNClassifier(num_classes=4, arch="resnet18"))
     _fit.built = {k: v.clone() for k, v in model.state_dict().items()}
@@ -45,7 +45,7 @@ def test_frozen_ema_checkpoints_keep_frozen_tensors_and_resume_under_the_guard(t
         assert torch.equal(model.state_dict()[key], built[key]), key
     trained = "head.layer4.1.conv2.weight"
     assert not torch.equal(saved["state_dict"][trained], saved["current_model_state"][trained])  # really averaged
-    _fit(tmp_path, FrozenEMA(decay=0.9), resume=ckpt.last_model_path, epochs=3)  # the guard accepts the resume
+    _fit(tmp_path, FrozenEMA(decay=0.9), resume=ckpt.last_model_path, epochs=2)  # the guard accepts the resume
 
 
 def test_lightnings_own_ema_moves_frozen_tensors(tmp_path):
