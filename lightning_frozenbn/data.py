@@ -222,7 +222,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.eval_resize = round(image_size / 0.875) if eval_resize is None else eval_resize
         self.predict_root = None if predict_root is None else Path(predict_root)
         self.class_names = None if class_names is None else list(class_names)
-        self.datasets: dict[str, ImageFolder] = {}
+        self.datasets: dict[str, Dataset] = {}
         self._gpu_decode: bool | None = None  # decided at setup, when the trainer's device is known
         self._mean, self._std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 
@@ -290,12 +290,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
             return v2.Compose([v2.RandomResizedCrop(size, scale=(self.min_scale, 1.0), antialias=True), *flip])
         return v2.Compose([v2.Resize(self.eval_resize, antialias=True), v2.CenterCrop(size)])
 
-    def _dataset(self, split: str, train: bool) -> ImageFolder:
+    def _dataset(self, split: str, train: bool) -> _ImageFolder:
         classes = self._check_split(split)
         train_classes = self.classes if split != "train" or self.class_names is not None else classes
         if classes != train_classes:
             only_train = sorted(set(train_classes) - set(classes))
             only_here = sorted(set(classes) - set(train_classes))
+            if self.class_names is not None:  # given, or from the checkpoint: the model's classes
+                raise DataError(
+                    f"Split {split!r} has other classes than the model (class_names / the checkpoint): only in "
+                    f"the model: {only_train or 'none'}; only in {split}: {only_here or 'none'}. Point "
+                    "`data.init_args.root` at data with the model's class folders."
+                )
             raise DataError(
                 f"Split {split!r} and 'train' have different classes (only in train: {only_train or 'none'}; "
                 f"only in {split}: {only_here or 'none'}). Labels are folder indices, so every split needs "

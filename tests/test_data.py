@@ -380,6 +380,9 @@ def test_predict_root_reads_any_folder_of_images_in_a_stable_order(tmp_path):
         ImageFolderDataModule(tmp_path, predict_root=tmp_path / "empty", class_names=["a", "b"]).setup("predict")
     with pytest.raises(DataError, match="class_names=\\['a'\\] is invalid"):
         ImageFolderDataModule(tmp_path, class_names=["a"])
+    other = make_tree(tmp_path / "other", classes=("cat", "fox"))  # test data with other classes than the model
+    with pytest.raises(DataError, match=r"other classes than the model .*only in the model: \['dog'\]"):
+        ImageFolderDataModule(other, class_names=["cat", "dog"]).setup("validate")
 
 
 @pytest.mark.parametrize("when", ["while-writing", "at-the-rename"])
