@@ -170,6 +170,8 @@ class FrozenBNCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if isinstance(logger, CSVLogger):
                 lines.append(f"metrics: {Path(logger.log_dir) / 'metrics.csv'}")
+            elif where := getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None):
+                lines.append(f"logs ({type(logger).__name__}): {where}")  # TensorBoard, W&B, MLflow, yours
         print("\n".join(lines), flush=True)
 
 

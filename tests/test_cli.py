@@ -282,6 +282,46 @@ def test_loggers_without_tensorboard_are_csv_only(tmp_path, monkeypatch):
     assert [type(logger) for logger in cli.trainer.loggers] == [CSVLogger]
 
 
+class ListLogger(__import__("lightning.pytorch.loggers", fromlist=["Logger"]).Logger):
+    """A user's own logger (not CSV): the CLI must work with it and say where its logs went."""
+
+    def __init__(self, save_dir: str = "."):
+        super().__init__()
+        self._save_dir, self.rows = save_dir, []
+
+    name, version = "list", 0
+
+    @property
+    def save_dir(self):
+        return self._save_dir
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_any_logger_is_used_and_reported(tmp_path, capsys):
+    from lightning_frozenbn.cli import FrozenBNCLI
+
+    args = ["--trainer.logger", "test_cli.ListLogger", "--trainer.logger.save_dir", str(tmp_path / "mylogs")]
+    cli = FrozenBNCLI(
+        args=[
+            "fit",
+            *quickstart_args(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"),
+            "--trainer.limit_val_batches",
+            "2",
+            "--model.init_args.calibrate_bn",
+            "0",
+            *args,
+        ]
+    )
+    assert [type(logger).__name__ for logger in cli.trainer.loggers] == ["ListLogger"]
+    assert any("val/acc" in metrics for _, metrics in cli.trainer.logger.rows)
+    assert f"logs (ListLogger): {tmp_path / 'mylogs'}" in capsys.readouterr().out
+
+
 class TamperingClassifier(__import__("lightning_frozenbn").FrozenBNClassifier):
     """A user model that changes a frozen BN buffer during training."""
 
