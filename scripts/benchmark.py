@@ -9,9 +9,10 @@ ratios, so machine noise hits every variant alike. Prints tables and writes a JS
 Sections: step time and peak memory per variant (fp32 and bf16 autocast; eager, and compiled on
 CUDA; on CUDA also the fused-epilogue experiment); bytes autograd saves for backward in one forward
 (deterministic: the memory figure that holds on a noisy CPU); a per-op profile of ours vs the
-strongest peer; Lightning ``Trainer.fit`` step vs a plain PyTorch loop (and the cost of the default
-NaN check); the FrozenModuleGuard's overhead; the ImageFolder input pipeline's images/s vs the model
-step's.
+strongest peer; the input pipeline on real photographs (stock PIL path vs ours per worker count,
+nvJPEG on CUDA) and ``Trainer.fit`` on those JPEGs vs in-memory tensors (``data``); Lightning
+``Trainer.fit`` step vs a plain PyTorch loop (and the cost of the NaN check, every step or deferred);
+the FrozenModuleGuard's overhead.
 """
 
 from __future__ import annotations
