@@ -93,6 +93,8 @@ def test_benchmark_script_runs_every_section_and_writes_json(tmp_path):
             "2",
             "--data-rounds",
             "1",
+            "--pipeline-batch",
+            "4",
         ],
         capture_output=True,
         text=True,

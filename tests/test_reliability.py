@@ -54,7 +54,7 @@ def fit_args(tmp_path, run, *extra):
         "--trainer.max_epochs",
         "3",
         "--trainer.limit_train_batches",
-        "20",
+        "12",
         "--trainer.limit_val_batches",
         "3",
         *extra,
@@ -208,10 +208,10 @@ def test_guard_reports_no_false_positives(tmp_path, fold, precision):
 
     guard = FrozenModuleGuard()
     model = make_model()
-    make_trainer(3, [guard, ckpt]).fit(model, tiny_loader(n=24), tiny_loader(n=8, seed=1))
-    assert guard.epochs_verified == 3
+    make_trainer(2, [guard, ckpt]).fit(model, tiny_loader(n=16), tiny_loader(n=8, seed=1))
+    assert guard.epochs_verified == 2
     assert "backbone.layer2.0.bn1.running_mean" in guard.frozen_tensor_names
     guard2 = FrozenModuleGuard()
     model2 = make_model()
-    make_trainer(4, [guard2]).fit(model2, tiny_loader(n=24), tiny_loader(n=8, seed=1), ckpt_path=ckpt.last_model_path)
-    assert guard2.epochs_verified == 4
+    make_trainer(3, [guard2]).fit(model2, tiny_loader(n=16), tiny_loader(n=8, seed=1), ckpt_path=ckpt.last_model_path)
+    assert guard2.epochs_verified == 3
