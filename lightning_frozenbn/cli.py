@@ -95,15 +95,15 @@ class FrozenBNCLI(LightningCLI):
         given = config.get("model", {}).get("init_args", {}).get("num_classes")
         self._checkpoint_num_classes = given if config.get("ckpt_path") else None
         data_args = config.get("data", {}).get("init_args")
-        if config.get("ckpt_path") and data_args is not None and "class_names" in data_args:
-            if data_args.get("class_names") is None:  # the checkpoint knows the names: no training data needed
-                data_args["class_names"] = _checkpoint_class_names(config.get("ckpt_path"))
+        saved = _checkpoint_extras(config.get("ckpt_path"))
+        if data_args is not None and "class_names" in data_args and data_args.get("class_names") is None:
+            data_args["class_names"] = saved["class_names"]  # the checkpoint knows them: no training data needed
         model_args = config.get("model", {}).get("init_args", {})
         if data_args is not None and "eval_resize" in data_args and data_args.get("eval_resize") is None:
             # evaluate as the weights were evaluated: IMAGENET1K_V2 wants resize 232 for a 224 crop, not 256
             weights = model_args.get("weights")
-            if _checkpoint_initial_weights(config.get("ckpt_path")) is not None and weights is None:
-                weights = _checkpoint_initial_weights(config.get("ckpt_path"))
+            if weights is None:  # restored models say weights: null; the checkpoint records the initial ones
+                weights = saved["initial_weights"]
             try:
                 resize = eval_resize_for(model_args.get("arch", "resnet50"), weights, data_args.get("image_size", 224))
             except (ValueError, KeyError):
@@ -175,25 +175,25 @@ class FrozenBNCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
-def _checkpoint_entry(path: str | Path | None, key: str) -> Any:
+def _checkpoint_extras(path: str | Path | None) -> dict[str, Any]:
+    """What FrozenBNClassifier.on_save_checkpoint records beside the state: class names, initial weights.
+
+    One memory-mapped read; None for each when there is no checkpoint file ("last" is resolved later by
+    Lightning) or it predates these entries: the data folders and the config decide then.
+    """
     import torch
 
-    if not path:
-        return None
+    extras: dict[str, Any] = {"class_names": None, "initial_weights": None}
+    if not path or not Path(path).is_file():
+        return extras
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
-    except Exception:  # an older or foreign checkpoint, or "last": the data folders and config decide
-        return None
-
-
-def _checkpoint_class_names(path: str | Path | None) -> list[str] | None:
-    names = _checkpoint_entry(path, "class_names")
-    return list(names) if isinstance(names, (list, tuple)) else None
-
-
-def _checkpoint_initial_weights(path: str | Path | None) -> str | None:
-    weights = _checkpoint_entry(path, "initial_weights")
-    return weights if isinstance(weights, str) else None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable: AtomicCheckpointIO reports it when the run loads the file
+        return extras
+    names, weights = checkpoint.get("class_names"), checkpoint.get("initial_weights")
+    extras["class_names"] = list(names) if isinstance(names, (list, tuple)) else None
+    extras["initial_weights"] = weights if isinstance(weights, str) else None
+    return extras
 
 
 def _default_loggers(root: str) -> list[Logger]:
