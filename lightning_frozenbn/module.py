@@ -153,7 +153,7 @@ class FrozenBNClassifier(pl.LightningModule):
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
         groups = [{"params": backbone, "name": "backbone"}, {"params": rest, "name": "head"}]
-        if self.hparams.get("no_decay_norm_bias"):
+        if self.hparams.no_decay_norm_bias:
             # biases and norm affine parameters are 1-D: decaying them towards 0 only hurts (timm, detectron2)
             split = []
             for g in groups:
@@ -209,7 +209,6 @@ class FrozenBNClassifier(pl.LightningModule):
         """One step; stops all ranks at the first non-finite loss instead of training on garbage."""
         x, y = batch[0], batch[1]
         loss = self.compute_loss(self(x), y)
-        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         if self.hparams.check_finite == "deferred":
             # The flag is copied to pinned host memory behind an event, both queued on the stream; the
             # next step waits for that event only (not for the work queued since), then reads it. A
@@ -225,18 +224,21 @@ class FrozenBNClassifier(pl.LightningModule):
                 event.record()
                 finite = host
             self._check_deferred_finite()
-            self._pending_finite = (finite, event, loss.detach(), where)
+            self._pending_finite = (finite, event, loss.detach(), self._where(batch_idx))
         elif self.hparams.check_finite:
             finite = bool(torch.isfinite(loss).all())
             if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
                 value = loss.item() if finite is False else "finite here, non-finite on another rank"
                 raise FloatingPointError(
-                    f"Training loss is not finite at {where}: {value} (rank {self.global_rank}). "
+                    f"Training loss is not finite at {self._where(batch_idx)}: {value} (rank {self.global_rank}). "
                     "Lower the learning rate (`model.optimizer.init_args.lr`), check the input data, or "
                     "resume from an earlier checkpoint."
                 )
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
+
+    def _where(self, batch_idx: int) -> str:
+        return f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
 
     def _check_deferred_finite(self) -> None:
         pending, self._pending_finite = self._pending_finite, None
@@ -331,13 +333,12 @@ class FrozenBNClassifier(pl.LightningModule):
         hp = self.hparams
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
-            config = {"scheduler": scheduler, "interval": hp.get("scheduler_interval", "epoch")}
-            config["frequency"] = hp.get("scheduler_frequency", 1)
+            config = {"scheduler": scheduler, "interval": hp.scheduler_interval, "frequency": hp.scheduler_frequency}
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                config["monitor"] = hp.get("scheduler_monitor", "val/loss")
+                config["monitor"] = hp.scheduler_monitor
             return {"optimizer": optimizer, "lr_scheduler": config}
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(hp.get("warmup_steps", 0), total - 1)
+        warmup = min(hp.warmup_steps, total - 1)
 
         def warmup_cosine(step: int) -> float:
             if step < warmup:
