@@ -69,6 +69,12 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def _visible_image(path: str | Path, root: str | Path) -> bool:
+    """An image file by its extension, with no hidden part (``.ipynb_checkpoints/``, ``._x.jpg``) below ``root``."""
+    parts = Path(path).relative_to(root).parts
+    return str(path).lower().endswith(IMG_EXTENSIONS) and not any(p.startswith(".") for p in parts)
+
+
 class _ImageFolder(ImageFolder):
     """torchvision's ImageFolder minus hidden entries (``.ipynb_checkpoints/``, macOS ``._x.jpg`` files).
 
@@ -89,8 +95,7 @@ class _ImageFolder(ImageFolder):
         allow_empty: bool = False,
     ) -> list[tuple[str, int]]:
         def visible_image(path: str) -> bool:
-            parts = Path(path).relative_to(directory).parts
-            return not any(p.startswith(".") for p in parts) and path.lower().endswith(IMG_EXTENSIONS)
+            return _visible_image(path, directory)
 
         return ImageFolder.make_dataset(directory, class_to_idx, None, visible_image, allow_empty)
 
@@ -99,13 +104,7 @@ class _UnlabelledImages(Dataset):
     """Every visible image file under ``root``, recursively, in sorted path order; labels are -1."""
 
     def __init__(self, root: Path, classes: list[str], loader: Any, transform: Any) -> None:
-        files = sorted(
-            p
-            for p in root.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in IMG_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
+        files = sorted(p for p in root.rglob("*") if p.is_file() and _visible_image(p, root))
         if not files:
             raise DataError(f"predict_root {str(root)!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)}).")
         self.samples = [(str(p), -1) for p in files]
@@ -307,12 +306,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 f"only in {split}: {only_here or 'none'}). Labels are folder indices, so every split needs "
                 "the same class folders."
             )
-        if self._use_gpu_decode():
+        loader, transform = self._file_reader(train)
+        return _ImageFolder(str(self.root / split), transform=transform, loader=loader)
+
+    def _file_reader(self, train: bool) -> tuple[Any, Any]:
+        """How a file becomes a sample: (loader, transform) for the decode path in use."""
+        if self._use_gpu_decode():  # bytes and a crop plan; decoded on the device
             augment = train and self.augment
-            loader = EncodedLoader(self.image_size, augment, self.min_scale, self.hflip, self.eval_resize)
-            return _ImageFolder(str(self.root / split), loader=loader)
-        loader = load_rgb if self.decode == "pil" else decode_file
-        return _ImageFolder(str(self.root / split), transform=self._transform(train), loader=loader)
+            return EncodedLoader(self.image_size, augment, self.min_scale, self.hflip, self.eval_resize), None
+        return (load_rgb if self.decode == "pil" else decode_file), self._transform(train)
 
     def _use_gpu_decode(self) -> bool:
         if self._gpu_decode is None:
@@ -373,11 +375,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def _unlabelled(self, root: Path) -> _UnlabelledImages:
         if not root.is_dir():
             raise DataError(f"predict_root {str(root)!r} does not exist: point it at a folder of images.")
-        if self._use_gpu_decode():
-            loader = EncodedLoader(self.image_size, False, eval_resize=self.eval_resize)
-            return _UnlabelledImages(root, self.classes, loader, None)
-        loader = load_rgb if self.decode == "pil" else decode_file
-        return _UnlabelledImages(root, self.classes, loader, self._transform(False))
+        return _UnlabelledImages(root, self.classes, *self._file_reader(train=False))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
