@@ -208,12 +208,26 @@ def _default_loggers(root: str) -> list[Logger]:
     return loggers
 
 
+def _message(err: Exception) -> str:
+    """The error's own message, also when it was raised in a DataLoader worker process.
+
+    PyTorch re-raises a worker's exception as the same type whose message is "Caught X in DataLoader
+    worker process N" followed by the whole worker traceback; its last line is the original message.
+    """
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name = type(err).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lightning-frozenbn`` and ``python -m lightning_frozenbn``."""
     try:
         FrozenBNCLI(args=args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_message(err)}", file=sys.stderr)
         sys.exit(
             2
             if isinstance(err, (DataError, WeightsMismatchError, CheckpointError, GuardConfigError, FileNotFoundError))

@@ -170,6 +170,8 @@ def case(world, name):
                 tree_variant(world, "broken", lambda r: (r / "train" / "a" / "zz.png").write_bytes(b"not a png")),
                 "--data.init_args.batch_size",
                 "16",
+                "--data.init_args.num_workers",  # raised in a worker process: still one line, no traceback
+                "1",
             ],
             ["zz.png", "Delete or replace"],
         ),
