@@ -2,10 +2,12 @@
 
 from lightning_frozenbn.backbone import ARCHS, NORMS, ResNetBackbone, ResNetHead, WeightsMismatchError, build_resnet
 from lightning_frozenbn.checkpoint import AtomicCheckpointIO, CheckpointError, ResumableCheckpoint
+from lightning_frozenbn.coco import CocoDetectionDataModule, CocoResultsWriter, DigitsDetectionDataModule
 from lightning_frozenbn.data import DataError, DigitsDataModule, ImageFolderDataModule, PredictionWriter
+from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.ema import FrozenEMA
 from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, find_frozen_modules, is_frozen_norm
-from lightning_frozenbn.module import FrozenBNClassifier
+from lightning_frozenbn.module import FrozenBNClassifier, FrozenBNModule
 from lightning_frozenbn.norm import (
     FoldedConv2d,
     FoldedFrozenBatchNorm2d,
@@ -24,8 +26,11 @@ __all__ = [
     "ARCHS",
     "AtomicCheckpointIO",
     "CheckpointError",
+    "CocoDetectionDataModule",
+    "CocoResultsWriter",
     "DataError",
     "DigitsDataModule",
+    "DigitsDetectionDataModule",
     "ImageFolderDataModule",
     "PredictionWriter",
     "NORMS",
@@ -33,6 +38,8 @@ __all__ = [
     "FoldedFrozenBatchNorm2d",
     "FoldedFrozenBatchNormAct2d",
     "FrozenBNClassifier",
+    "FrozenBNDetector",
+    "FrozenBNModule",
     "FrozenEMA",
     "FrozenModuleGuard",
     "FrozenStateViolation",

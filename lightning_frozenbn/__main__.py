@@ -1,6 +1,11 @@
-"""``python -m lightning_frozenbn``: the same command as ``lightning-frozenbn``."""
+"""``python -m lightning_frozenbn [detect]``: the ``lightning-frozenbn`` [``-detect``] command."""
 
-from lightning_frozenbn.cli import main
+import sys
+
+from lightning_frozenbn.cli import detect_main, main
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["detect"]:  # for launchers that take a module, e.g. torchrun -m lightning_frozenbn detect fit
+        detect_main(sys.argv[2:])
+    else:
+        main()

@@ -74,11 +74,19 @@ class ResNetBackbone(nn.Module):
 
 
 class ResNetHead(nn.Module):
-    """layer4 and global average pooling: C4 map in, ``(N, out_channels)`` embedding out."""
+    """layer4 and global pooling: C4 map (or C4 regions) in, ``(N, out_channels)`` embedding out.
 
-    def __init__(self, resnet: torchvision.models.ResNet) -> None:
+    ``pool="max"`` max-pools instead of averaging, as the person-search box heads do (a region's
+    strongest response, not its mean, identifies it). The pooling module keeps torchvision's name
+    ``avgpool`` either way; it holds no state.
+    """
+
+    def __init__(self, resnet: torchvision.models.ResNet, pool: Literal["avg", "max"] = "avg") -> None:
         super().__init__()
-        self.layer4, self.avgpool = resnet.layer4, resnet.avgpool
+        if pool not in ("avg", "max"):
+            raise ValueError(f"head pool={pool!r} is invalid: expected 'avg' or 'max'.")
+        self.layer4 = resnet.layer4
+        self.avgpool = resnet.avgpool if pool == "avg" else nn.AdaptiveMaxPool2d((1, 1))
         self.out_channels: int = resnet.fc.in_features
 
     def forward(self, x: Tensor) -> Tensor:
@@ -216,6 +224,7 @@ def build_resnet(
     norm: Norm = "frozen",
     freeze_at: int = 2,
     fold: bool = True,
+    head_pool: Literal["avg", "max"] = "avg",
 ) -> tuple[ResNetBackbone, ResNetHead]:
     """Build a torchvision ResNet for fine-tuning and split it into backbone and head.
 
@@ -233,6 +242,8 @@ def build_resnet(
             statistics must not move either (detectron2 does the same).
         fold: fold every conv -> FrozenBatchNorm2d pair into one convolution (same function, same
             state-dict keys; faster and smaller under mixed precision).
+        head_pool: the head's global pooling, ``"avg"`` (torchvision's) or ``"max"`` (person-search
+            box heads).
 
     Returns:
         ``(backbone, head)``: stem..layer3 returning the C4 map, and layer4 + pooling returning the
@@ -245,6 +256,8 @@ def build_resnet(
         raise _choice_error("arch", arch, ARCHS, "Set `arch` to one of these torchvision ResNets.")
     if norm not in NORMS:
         raise _choice_error("norm", norm, NORMS, "Set `norm` to one of these BN policies.")
+    if head_pool not in ("avg", "max"):
+        raise ValueError(f"head_pool={head_pool!r} is invalid: expected 'avg' (torchvision) or 'max' (person search).")
     if isinstance(freeze_at, bool) or not isinstance(freeze_at, int) or not 0 <= freeze_at <= 5:
         raise ValueError(
             f"freeze_at={freeze_at!r} is out of range: expected an integer 0..5 (0 nothing frozen, "
@@ -272,7 +285,7 @@ def build_resnet(
             frozen.requires_grad_(False)
     if norm == "sync":
         resnet = nn.SyncBatchNorm.convert_sync_batchnorm(resnet)
-    backbone, head = ResNetBackbone(resnet), ResNetHead(resnet)
+    backbone, head = ResNetBackbone(resnet), ResNetHead(resnet, head_pool)
     if fold:
         fold_frozen_batchnorm(backbone)
         fold_frozen_batchnorm(head)

@@ -15,11 +15,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 
 from lightning_frozenbn.backbone import WeightsMismatchError, eval_resize_for
 from lightning_frozenbn.checkpoint import AtomicCheckpointIO, CheckpointError, ResumableCheckpoint
+from lightning_frozenbn.coco import CocoDetectionDataModule, CocoResultsWriter
 from lightning_frozenbn.data import DataError, ImageFolderDataModule, PredictionWriter
+from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, GuardConfigError
 from lightning_frozenbn.module import FrozenBNClassifier
 
-__all__ = ["FrozenBNCLI", "main"]
+__all__ = ["DetectionCLI", "FrozenBNCLI", "detect_main", "main"]
 
 # Mistakes in the user's config, data or files: reported as one line, no traceback.
 USER_ERRORS = (
@@ -48,9 +50,20 @@ class FrozenBNCLI(LightningCLI):
     ``--trainer.<flag>``.
     """
 
+    default_model: type = FrozenBNClassifier
+    default_data: type = ImageFolderDataModule
+    checkpoint_defaults: dict[str, Any] = {
+        "checkpoint.monitor": "val/acc",
+        "checkpoint.mode": "max",
+        "checkpoint.save_last": True,
+        "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/acc:.4f}",
+        "checkpoint.auto_insert_metric_name": False,
+    }
+    prediction_writer: type = PredictionWriter
+
     def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("model_class", FrozenBNClassifier)
-        kwargs.setdefault("datamodule_class", ImageFolderDataModule)
+        kwargs.setdefault("model_class", self.default_model)
+        kwargs.setdefault("datamodule_class", self.default_data)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -62,26 +75,29 @@ class FrozenBNCLI(LightningCLI):
         """Link num_classes; add the checkpoint, guard and prediction-writer groups."""
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/acc",
-                "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
-                "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/acc:.4f}",
-                "checkpoint.auto_insert_metric_name": False,
-            }
-        )
+        parser.set_defaults(self.checkpoint_defaults)
         parser.add_argument(
             "--guard",
             type=FrozenModuleGuard | None,
             default=lazy_instance(FrozenModuleGuard),
             help="The FrozenModuleGuard callback (null to turn it off).",
         )
-        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        parser.add_lightning_class_args(self.prediction_writer, "prediction_writer")
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters before anything else; a truncated or
-        # unsafe file must fail there with our explanation, not a torch.load traceback.
+        # LightningCLI reads the checkpoint's hyperparameters before anything else, and would switch the
+        # model to the class the checkpoint names: a classifier checkpoint would turn the detector command
+        # into a classifier run. A truncated or unsafe file must fail with our explanation, not a traceback.
+        config = self.config.get(str(self.config.get("subcommand")), {})
+        saved = _checkpoint_extras(config.get("ckpt_path") if hasattr(config, "get") else None)
+        model_class = self.model_class
+        if saved["class_path"] and not _is_subclass(saved["class_path"], model_class):
+            other = "lightning-frozenbn" if model_class is FrozenBNDetector else "lightning-frozenbn-detect"
+            raise CheckpointError(
+                f"{config.get('ckpt_path')} is a checkpoint of {saved['class_path'].rsplit('.', 1)[-1]}, not of "
+                f"{model_class.__name__}: this command cannot resume or evaluate it. Use `{other}` for it, or, to "
+                "start from its backbone and head, pass it as `model.init_args.weights` instead of --ckpt_path."
+            )
         try:
             super()._parse_ckpt_path()
         except Exception:
@@ -126,10 +142,11 @@ class FrozenBNCLI(LightningCLI):
         """A checkpoint trained on another number of classes than the data has is a clear error."""
         expected = getattr(self, "_checkpoint_num_classes", None)
         if expected is not None and expected != self.datamodule.num_classes:
+            where = getattr(self.datamodule, "root", None) or self.datamodule.paths["train"][1]
             self.parser.error(
                 f"The checkpoint was trained with num_classes={expected}, but the data at "
-                f"{str(self.datamodule.root)!r} has {self.datamodule.num_classes} classes. Use a checkpoint "
-                "trained on this data, or point `data.init_args.root` at the data it was trained on."
+                f"{str(where)!r} has {self.datamodule.num_classes} classes. Use a checkpoint "
+                "trained on this data, or point the data at the data it was trained on."
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -183,7 +200,7 @@ def _checkpoint_extras(path: str | Path | None) -> dict[str, Any]:
     """
     import torch
 
-    extras: dict[str, Any] = {"class_names": None, "initial_weights": None}
+    extras: dict[str, Any] = {"class_names": None, "initial_weights": None, "class_path": None}
     if not path or not Path(path).is_file():
         return extras
     try:
@@ -193,7 +210,27 @@ def _checkpoint_extras(path: str | Path | None) -> dict[str, Any]:
     names, weights = checkpoint.get("class_names"), checkpoint.get("initial_weights")
     extras["class_names"] = list(names) if isinstance(names, (list, tuple)) else None
     extras["initial_weights"] = weights if isinstance(weights, str) else None
+    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if not isinstance(class_path, str):  # saved outside LightningCLI: tell the two apart by their layers
+        keys = checkpoint.get("state_dict") or {}
+        if any(k.startswith("roi_heads.") for k in keys):
+            class_path = f"{FrozenBNDetector.__module__}.{FrozenBNDetector.__name__}"
+        elif "classifier.weight" in keys:
+            class_path = f"{FrozenBNClassifier.__module__}.{FrozenBNClassifier.__name__}"
+    extras["class_path"] = class_path if isinstance(class_path, str) else None
     return extras
+
+
+def _is_subclass(class_path: str, base: type) -> bool:
+    """Whether the class a checkpoint names is ``base`` or a subclass; an unimportable one is given the benefit."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return True  # a research subclass not importable here: Lightning's own error will name it
+    return isinstance(cls, type) and issubclass(cls, base)
 
 
 def _default_loggers(root: str) -> list[Logger]:
@@ -222,10 +259,30 @@ def _message(err: Exception) -> str:
     return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
 
 
-def main(args: list[str] | None = None) -> None:
+class DetectionCLI(FrozenBNCLI):
+    """The ``lightning-frozenbn-detect`` command: :class:`FrozenBNDetector` on COCO-format data.
+
+    Everything of :class:`FrozenBNCLI` (guard, atomic checkpoints, loggers, linked num_classes,
+    ``--ckpt_path last``), with the detection defaults: checkpoints keep the best ``val/map`` and
+    ``predict`` writes a COCO results JSON (:class:`~lightning_frozenbn.CocoResultsWriter`). A second
+    command rather than a switch on ``model.class_path`` because these defaults are fixed when the
+    parser is built, before any config naming the model is read.
+    """
+
+    default_model = FrozenBNDetector
+    default_data = CocoDetectionDataModule
+    checkpoint_defaults = {
+        **FrozenBNCLI.checkpoint_defaults,
+        "checkpoint.monitor": "val/map",
+        "checkpoint.filename": "best-epoch{epoch:02d}-map{val/map:.4f}",
+    }
+    prediction_writer = CocoResultsWriter
+
+
+def main(args: list[str] | None = None, cli: type[FrozenBNCLI] = FrozenBNCLI) -> None:
     """Entry point of ``lightning-frozenbn`` and ``python -m lightning_frozenbn``."""
     try:
-        FrozenBNCLI(args=args)
+        cli(args=args)
     except USER_ERRORS as err:
         print(f"error: {_message(err)}", file=sys.stderr)
         sys.exit(
@@ -233,3 +290,8 @@ def main(args: list[str] | None = None) -> None:
             if isinstance(err, (DataError, WeightsMismatchError, CheckpointError, GuardConfigError, FileNotFoundError))
             else 1
         )
+
+
+def detect_main(args: list[str] | None = None) -> None:
+    """Entry point of ``lightning-frozenbn-detect``."""
+    main(args, DetectionCLI)

@@ -1,4 +1,4 @@
-"""FrozenBNClassifier: a LightningModule wrapping the frozen-BN ResNet backbone and head, built to be subclassed."""
+"""FrozenBNModule and FrozenBNClassifier: LightningModules around the frozen-BN ResNet backbone and head."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_frozenbn.backbone import Norm, build_resnet
 from lightning_frozenbn.norm import calibrate_bn, fold_frozen_batchnorm, to_batchnorm
 
-__all__ = ["FrozenBNClassifier", "default_optimizer"]
+__all__ = ["FrozenBNClassifier", "FrozenBNModule", "default_optimizer"]
 
 
 def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
@@ -28,51 +28,22 @@ def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
 
 
-class FrozenBNClassifier(pl.LightningModule):
-    """Image classifier on a frozen-BN torchvision ResNet: backbone (stem..layer3) + head (layer4) + linear.
+class FrozenBNModule(pl.LightningModule):
+    """What every task on the frozen-BN backbone/head shares; subclass it for a new task.
 
-    Meant to be subclassed by research code: override :meth:`forward_features` (the embedding),
-    :meth:`forward` (the logits), :meth:`compute_loss` or :meth:`param_groups` and keep the rest
-    (metrics, optimizer wiring, calibration, finite-loss check, export).
-
-    Args:
-        num_classes: number of classes; LightningCLI links it from the data module.
-        arch: torchvision ResNet name, see :data:`lightning_frozenbn.ARCHS`.
-        weights: None, a torchvision weight name ("DEFAULT", "IMAGENET1K_V2", ...) or a local file.
-        norm: BN policy: "frozen", "eval", "train" or "sync" (see :func:`build_resnet`).
-        freeze_at: detectron2's freeze_at, 0..5; 2 freezes the stem and layer1.
-        fold: fold frozen BN into the preceding convolutions (same function, faster, less memory).
-        compile: ``torch.compile`` the backbone and head in place (state-dict keys unchanged). Off by
-            default: it pays on GPU, rarely on CPU.
-        channels_last: run the network in channels_last memory format (faster on tensor-core GPUs).
-        backbone_lr_mult: the backbone's learning rate is the optimizer's times this factor
-            (e.g. 0.1: a pretrained backbone moves slower than the freshly initialised head).
-        label_smoothing: cross-entropy label smoothing.
-        calibrate_bn: before training, re-estimate the frozen BN statistics on this many training
-            batches (0 = keep the loaded statistics). Use it when the data is far from ImageNet or the
-            weights are random. Skipped when resuming: the statistics come from the checkpoint.
-        check_finite: stop training with a clear error at the first NaN/inf loss (all ranks). True
-            checks every step before the backward pass (the weights stay clean), which reads the loss
-            on the host: a device sync per step. "deferred" checks each step's loss at the next step
-            (and before any checkpoint is saved) so the GPU queue never drains; the weights then
-            already carry the bad step when it stops. False turns the check off.
-        optimizer: optimizer factory, set in YAML as ``optimizer: {class_path: torch.optim.AdamW, ...}``.
-        scheduler: LR scheduler factory; None means cosine decay to 0 over the whole run, per step.
-        scheduler_interval: when a scheduler given in ``scheduler`` steps: "epoch" or "step"
-            (OneCycleLR and other per-iteration schedules want "step").
-        scheduler_frequency: step the scheduler every this many intervals.
-        scheduler_monitor: the logged metric a ReduceLROnPlateau scheduler watches (default
-            ``val/loss``); ignored by other schedulers.
-        warmup_steps: linear warmup from 0 over this many steps before the default cosine decay.
-        no_decay_norm_bias: no weight decay on biases and normalisation parameters (one-dimensional
-            tensors), the fine-tuning convention of timm and detectron2.
+    Builds ``self.backbone`` (stem..layer3, the C4 map) and ``self.head`` (layer4 + pooling) with
+    :func:`build_resnet` and owns the task-independent machinery: parameter groups with
+    ``backbone_lr_mult``, optimizer and scheduler from YAML, channels_last and ``torch.compile``,
+    ``calibrate_bn`` before training, the finite-loss check, self-contained checkpoints. A task adds its
+    layers, ``forward``, ``training_step`` (calling :meth:`check_loss_finite`) and evaluation steps, as
+    :class:`FrozenBNClassifier` and :class:`~lightning_frozenbn.FrozenBNDetector` do. The arguments are
+    documented on those classes.
     """
 
     _pending_finite: tuple[Tensor, Any, Tensor, str] | None = None  # the last step's check (check_finite="deferred")
 
     def __init__(
         self,
-        num_classes: int,
         arch: str = "resnet50",
         weights: str | None = None,
         norm: Norm = "frozen",
@@ -81,7 +52,6 @@ class FrozenBNClassifier(pl.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         backbone_lr_mult: float = 1.0,
-        label_smoothing: float = 0.0,
         calibrate_bn: int = 0,
         check_finite: bool | Literal["deferred"] = True,
         optimizer: OptimizerCallable = default_optimizer,
@@ -91,14 +61,9 @@ class FrozenBNClassifier(pl.LightningModule):
         scheduler_monitor: str = "val/loss",
         warmup_steps: int = 0,
         no_decay_norm_bias: bool = False,
+        head_pool: Literal["avg", "max"] = "avg",
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(
-                f"num_classes={num_classes!r} is invalid: expected an integer >= 2 (the number of class "
-                "folders in your data; a classifier needs two). With the CLI it is taken from the data module; "
-                "do not set it twice."
-            )
         if not backbone_lr_mult >= 0:
             raise ValueError(f"backbone_lr_mult={backbone_lr_mult!r} must be >= 0 (1.0 = same LR as the head).")
         if isinstance(calibrate_bn, bool) or not isinstance(calibrate_bn, int) or calibrate_bn < 0:
@@ -120,32 +85,10 @@ class FrozenBNClassifier(pl.LightningModule):
                 f"The optimizer rejects its settings: {err}. Fix `model.init_args.optimizer.init_args` "
                 "(for example lr: 0.01)."
             ) from err
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.backbone, self.head = build_resnet(arch, weights, norm, freeze_at, fold)
-        self.classifier = nn.Linear(self.head.out_channels, num_classes)
-        metric_ks = (1, 5) if num_classes >= 5 else (1,)
-        self.val_acc = nn.ModuleDict(
-            {f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in metric_ks}
-        )
-        self.test_acc = copy.deepcopy(self.val_acc)
+        self.backbone, self.head = build_resnet(arch, weights, norm, freeze_at, fold, head_pool)
         self._compiled = False
-
-    # ---- the parts research code overrides -------------------------------------------------
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Return the embedding ``(N, head.out_channels)``: backbone then head."""
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(self.backbone(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Return class logits."""
-        return self.classifier(self.forward_features(x))
-
-    def compute_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Cross-entropy (with optional label smoothing)."""
-        return F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters only, in a backbone group and a head group (for ``backbone_lr_mult``)."""
@@ -163,7 +106,6 @@ class FrozenBNClassifier(pl.LightningModule):
             groups = split
         return [g for g in groups if g["params"]]
 
-    # ---- Lightning hooks --------------------------------------------------------------------
     def configure_model(self) -> None:
         """Apply channels_last and torch.compile once, on the target device."""
         if self.hparams.channels_last:
@@ -205,10 +147,8 @@ class FrozenBNClassifier(pl.LightningModule):
             f"{self.hparams.calibrate_bn} training batches (population mean/variance)."
         )
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """One step; stops all ranks at the first non-finite loss instead of training on garbage."""
-        x, y = batch[0], batch[1]
-        loss = self.compute_loss(self(x), y)
+    def check_loss_finite(self, loss: Tensor, batch_idx: int) -> None:
+        """Stop all ranks at the first non-finite loss (``check_finite``); call it from ``training_step``."""
         if self.hparams.check_finite == "deferred":
             # The flag is copied to pinned host memory behind an event, both queued on the stream; the
             # next step waits for that event only (not for the work queued since), then reads it. A
@@ -234,8 +174,6 @@ class FrozenBNClassifier(pl.LightningModule):
                     "Lower the learning rate (`model.optimizer.init_args.lr`), check the input data, or "
                     "resume from an earlier checkpoint."
                 )
-        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
-        return loss
 
     def _where(self, batch_idx: int) -> str:
         return f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
@@ -296,28 +234,6 @@ class FrozenBNClassifier(pl.LightningModule):
                 f"global step {checkpoint.get('global_step')})."
             )
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metrics: nn.ModuleDict) -> None:
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        self.log(f"{stage}/loss", self.compute_loss(logits, y), sync_dist=True, batch_size=x.shape[0])
-        for name, metric in metrics.items():
-            metric(logits, y)
-            key = f"{stage}/acc" if name == "top1" else f"{stage}/acc_{name}"
-            self.log(key, metric, prog_bar=name == "top1", batch_size=x.shape[0])
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Loss, top-1 and top-5 accuracy on the validation split."""
-        self._eval_step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Loss, top-1 and top-5 accuracy on the test split."""
-        self._eval_step(batch, "test", self.test_acc)
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """Class probabilities ``(N, num_classes)``."""
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).softmax(dim=-1)
-
     def configure_optimizers(self) -> Any:
         """Optimizer over trainable parameters only; backbone LR scaled; cosine per step by default."""
         groups = self.param_groups()
@@ -347,6 +263,148 @@ class FrozenBNClassifier(pl.LightningModule):
 
         cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+
+class FrozenBNClassifier(FrozenBNModule):
+    """Image classifier on a frozen-BN torchvision ResNet: backbone (stem..layer3) + head (layer4) + linear.
+
+    Meant to be subclassed by research code: override :meth:`forward_features` (the embedding),
+    :meth:`forward` (the logits), :meth:`compute_loss` or :meth:`param_groups` and keep the rest
+    (metrics, optimizer wiring, calibration, finite-loss check, export).
+
+    Args:
+        num_classes: number of classes; LightningCLI links it from the data module.
+        arch: torchvision ResNet name, see :data:`lightning_frozenbn.ARCHS`.
+        weights: None, a torchvision weight name ("DEFAULT", "IMAGENET1K_V2", ...) or a local file.
+        norm: BN policy: "frozen", "eval", "train" or "sync" (see :func:`build_resnet`).
+        freeze_at: detectron2's freeze_at, 0..5; 2 freezes the stem and layer1.
+        fold: fold frozen BN into the preceding convolutions (same function, faster, less memory).
+        compile: ``torch.compile`` the backbone and head in place (state-dict keys unchanged). Off by
+            default: it pays on GPU, rarely on CPU.
+        channels_last: run the network in channels_last memory format (faster on tensor-core GPUs).
+        backbone_lr_mult: the backbone's learning rate is the optimizer's times this factor
+            (e.g. 0.1: a pretrained backbone moves slower than the freshly initialised head).
+        label_smoothing: cross-entropy label smoothing.
+        calibrate_bn: before training, re-estimate the frozen BN statistics on this many training
+            batches (0 = keep the loaded statistics). Use it when the data is far from ImageNet or the
+            weights are random. Skipped when resuming: the statistics come from the checkpoint.
+        check_finite: stop training with a clear error at the first NaN/inf loss (all ranks). True
+            checks every step before the backward pass (the weights stay clean), which reads the loss
+            on the host: a device sync per step. "deferred" checks each step's loss at the next step
+            (and before any checkpoint is saved) so the GPU queue never drains; the weights then
+            already carry the bad step when it stops. False turns the check off.
+        optimizer: optimizer factory, set in YAML as ``optimizer: {class_path: torch.optim.AdamW, ...}``.
+        scheduler: LR scheduler factory; None means cosine decay to 0 over the whole run, per step.
+        scheduler_interval: when a scheduler given in ``scheduler`` steps: "epoch" or "step"
+            (OneCycleLR and other per-iteration schedules want "step").
+        scheduler_frequency: step the scheduler every this many intervals.
+        scheduler_monitor: the logged metric a ReduceLROnPlateau scheduler watches (default
+            ``val/loss``); ignored by other schedulers.
+        warmup_steps: linear warmup from 0 over this many steps before the default cosine decay.
+        no_decay_norm_bias: no weight decay on biases and normalisation parameters (one-dimensional
+            tensors), the fine-tuning convention of timm and detectron2.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "resnet50",
+        weights: str | None = None,
+        norm: Norm = "frozen",
+        freeze_at: int = 2,
+        fold: bool = True,
+        compile: bool = False,
+        channels_last: bool = False,
+        backbone_lr_mult: float = 1.0,
+        label_smoothing: float = 0.0,
+        calibrate_bn: int = 0,
+        check_finite: bool | Literal["deferred"] = True,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_frequency: int = 1,
+        scheduler_monitor: str = "val/loss",
+        warmup_steps: int = 0,
+        no_decay_norm_bias: bool = False,
+    ) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(
+                f"num_classes={num_classes!r} is invalid: expected an integer >= 2 (the number of class "
+                "folders in your data; a classifier needs two). With the CLI it is taken from the data module; "
+                "do not set it twice."
+            )
+        super().__init__(
+            arch,
+            weights,
+            norm,
+            freeze_at,
+            fold,
+            compile,
+            channels_last,
+            backbone_lr_mult,
+            calibrate_bn,
+            check_finite,
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            scheduler_frequency,
+            scheduler_monitor,
+            warmup_steps,
+            no_decay_norm_bias,
+        )
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.classifier = nn.Linear(self.head.out_channels, num_classes)
+        metric_ks = (1, 5) if num_classes >= 5 else (1,)
+        self.val_acc = nn.ModuleDict(
+            {f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in metric_ks}
+        )
+        self.test_acc = copy.deepcopy(self.val_acc)
+
+    # ---- the parts research code overrides -------------------------------------------------
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Return the embedding ``(N, head.out_channels)``: backbone then head."""
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return class logits."""
+        return self.classifier(self.forward_features(x))
+
+    def compute_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy (with optional label smoothing)."""
+        return F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
+
+    # ---- Lightning hooks --------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """One step; stops all ranks at the first non-finite loss instead of training on garbage."""
+        x, y = batch[0], batch[1]
+        loss = self.compute_loss(self(x), y)
+        self.check_loss_finite(loss, batch_idx)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metrics: nn.ModuleDict) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        self.log(f"{stage}/loss", self.compute_loss(logits, y), sync_dist=True, batch_size=x.shape[0])
+        for name, metric in metrics.items():
+            metric(logits, y)
+            key = f"{stage}/acc" if name == "top1" else f"{stage}/acc_{name}"
+            self.log(key, metric, prog_bar=name == "top1", batch_size=x.shape[0])
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Loss, top-1 and top-5 accuracy on the validation split."""
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Loss, top-1 and top-5 accuracy on the test split."""
+        self._eval_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Class probabilities ``(N, num_classes)``."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(dim=-1)
 
     # ---- export -----------------------------------------------------------------------------
     def to_torchvision(self) -> torchvision.models.ResNet:

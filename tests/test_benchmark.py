@@ -95,6 +95,16 @@ def test_benchmark_script_runs_every_section_and_writes_json(tmp_path):
             "1",
             "--pipeline-batch",
             "4",
+            "--det-size",
+            "64",
+            "--det-batch",
+            "1",
+            "--det-regions",
+            "8",
+            "--det-steps",
+            "1",
+            "--det-classes",
+            "3",
         ],
         capture_output=True,
         text=True,
@@ -132,6 +142,18 @@ def test_benchmark_script_runs_every_section_and_writes_json(tmp_path):
     elementwise = [ops.get(op, {"ours_calls": 0, "peer_calls": 0}) for op in ("aten::mul", "aten::add")]
     assert sum(r["ours_calls"] for r in elementwise) < sum(r["peer_calls"] for r in elementwise)
     assert data["profile"]["ours_total_ms"] > 0 and data["profile"]["peer_total_ms"] > 0
+    # detection: the same C4 detector folded and unfolded, and torchvision's FPN recipe, per precision
+    det = {(r["variant"], r["precision"]): r for r in data["detection"]}
+    assert {v for v, _ in det} == {
+        "ours C4 (folded)",
+        "C4, torchvision FrozenBN",
+        "torchvision fasterrcnn_resnet50_fpn",
+    }
+    # deterministic: under bf16 torchvision's FrozenBatchNorm2d hands fp32 activations to the next conv, which
+    # autograd saves; folded, they stay bf16. (In fp32 both save the conv inputs; folding adds the folded weights.)
+    ours, unfolded = det[("ours C4 (folded)", "bf16")], det[("C4, torchvision FrozenBN", "bf16")]
+    assert ours["saved_mib_excl_params"] < unfolded["saved_mib_excl_params"]
+    assert all(r["ms_per_step"] > 0 for r in data["detection"]) and ours["ours_time_over_this"] == 1.0
 
 
 @requires_gpu

@@ -9,11 +9,12 @@ import pytest
 import torch
 import torchvision
 
-from lightning_frozenbn.cli import main
+from lightning_frozenbn.cli import detect_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 OVERLAYS = {"ddp.yaml", "multinode.yaml", "reduce_on_plateau.yaml", "ema.yaml"}
+DETECTION = {"detection_quickstart.yaml", "fasterrcnn_c4_finetune.yaml"}  # read by lightning-frozenbn-detect
 
 
 def cli(*args, cwd, timeout=300):
@@ -28,35 +29,47 @@ def cli(*args, cwd, timeout=300):
     )
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", [*CONFIGS, "detection+ddp+multinode"], ids=lambda p: getattr(p, "name", p))
 def test_every_config_parses(config, capsys):
-    args = (
-        ["fit", "--config", str(config)]
-        if config.name not in OVERLAYS
-        else [
+    if config == "detection+ddp+multinode":  # the overlays compose with the detection configs too
+        base, name, entry = ROOT / "configs" / "fasterrcnn_c4_finetune.yaml", "multinode.yaml", detect_main
+        args = ["fit", "--config", str(base), "--config", str(ROOT / "configs" / "ddp.yaml")]
+        args += ["--config", str(ROOT / "configs" / "multinode.yaml")]
+    elif config.name in DETECTION:
+        name, entry = config.name, detect_main
+        args = ["fit", "--config", str(config)]
+    elif config.name in OVERLAYS:
+        name, entry = config.name, main
+        args = [
             "fit",
             "--config",
             str(ROOT / "configs" / "quickstart.yaml"),
             "--config",
             str(ROOT / "configs" / "ddp.yaml"),
-            "--config",
-            str(config),
         ]
-    )
+        args += ["--config", str(config)]
+    else:
+        name, entry = config.name, main
+        args = ["fit", "--config", str(config)]
     with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--print_config"])
+        entry([*args, "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path: lightning_frozenbn.FrozenModuleGuard" in printed
-    if config.name == "ddp.yaml":
+    if name == "ddp.yaml":
         assert "broadcast_buffers: false" in printed
-    if config.name == "ema.yaml":
+    if name == "ema.yaml":
         assert "class_path: lightning_frozenbn.FrozenEMA" in printed and "decay: 0.999" in printed
-    if config.name == "reduce_on_plateau.yaml":
+    if name == "reduce_on_plateau.yaml":
         assert "class_path: torch.optim.lr_scheduler.ReduceLROnPlateau" in printed
         assert "scheduler_monitor: val/loss" in printed and "factor: 0.5" in printed
-    if config.name == "resnet50_finetune.yaml":
+    if name == "resnet50_finetune.yaml":
         assert "no_decay_norm_bias: true" in printed and "decode: tensor" in printed
+    if name in DETECTION or config == "detection+ddp+multinode":
+        assert "class_path: lightning_frozenbn.FrozenBNDetector" in printed and "monitor: val/map" in printed
+        assert "output: detections.json" in printed  # predict writes a COCO results file
+    if config == "detection+ddp+multinode":
+        assert "broadcast_buffers: false" in printed and "num_nodes: 2" in printed
 
 
 def quickstart_args(tmp_path, *extra):

@@ -1,0 +1,500 @@
+"""CocoDetectionDataModule: COCO-format boxes for the detector; the offline digits-on-canvas set; COCO results files."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+from torchvision.transforms import v2
+
+from lightning_frozenbn.data import EpochShuffleSampler
+from lightning_frozenbn.decode import DataError
+
+__all__ = ["CocoDetectionDataModule", "CocoResultsWriter", "DigitsDetectionDataModule", "collate_detection"]
+
+Split = Literal["train", "val", "test"]
+
+
+def collate_detection(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """Images of any sizes stay a list (the detector's transform batches them): ``(images, targets)``."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def _read_annotations(path: Path, images: Path, split: str) -> dict[str, Any]:
+    """Load and check a COCO JSON; every problem names the file, the id and the fix."""
+    if not path.is_file():
+        raise DataError(
+            f"{split} annotations {str(path)!r} do not exist. Point `data.init_args.{split}_annotations` at a "
+            "COCO-format JSON file (what labelling tools export as 'COCO')."
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{split} annotations {str(path)!r} are not valid JSON: {err}. Re-export the file.") from err
+    missing_keys = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if not isinstance(data, dict) or missing_keys:
+        raise DataError(
+            f"{split} annotations {str(path)!r} are not COCO detection annotations: no list "
+            f"{', '.join(repr(k) for k in missing_keys) or 'at the top level'}. Export in COCO format "
+            "(images, annotations, categories)."
+        )
+    if not data["images"]:
+        raise DataError(f"{split} annotations {str(path)!r} list no images: the split is empty. Add images.")
+    if not data["categories"]:
+        raise DataError(f"{str(path)!r} defines no categories. Export the label set with the annotations.")
+    if not images.is_dir():
+        raise DataError(f"{split} image folder {str(images)!r} does not exist. Set `data.init_args.{split}_images`.")
+    sizes = {}
+    absent = []
+    for image in data["images"]:
+        sizes[image["id"]] = (image.get("width"), image.get("height"), image["file_name"])
+        if not (images / image["file_name"]).is_file():
+            absent.append(f"{image['file_name']} (image id {image['id']})")
+    if absent:
+        more = f" ... and {len(absent) - 5} more" if len(absent) > 5 else ""
+        raise DataError(
+            f"{len(absent)} image(s) listed in {str(path)!r} are missing from {str(images)!r}: "
+            f"{', '.join(absent[:5])}{more}. Copy them there, or remove them from the annotations."
+        )
+    categories = {c["id"] for c in data["categories"]}
+    clipped = []
+    for ann in data["annotations"]:
+        where = f"annotation id {ann.get('id')} (image id {ann.get('image_id')}) in {str(path)!r}"
+        if ann.get("image_id") not in sizes:
+            raise DataError(f"{where} points at an image id that is not listed in 'images'. Fix or remove it.")
+        width, height, file = sizes[ann["image_id"]]
+        where = f"annotation id {ann.get('id')} of {file!r} in {str(path)!r}"
+        if ann.get("category_id") not in categories:
+            raise DataError(
+                f"{where} has category_id {ann.get('category_id')!r}, which is not among the categories "
+                f"({sorted(categories)}). Fix the id or add the category."
+            )
+        box = ann.get("bbox")
+        if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
+            raise DataError(f"{where} has bbox {box!r}: expected [x, y, width, height] in pixels.")
+        x, y, w, h = box
+        if not (w > 0 and h > 0 and all(math.isfinite(v) for v in box)):
+            raise DataError(
+                f"{where} has a box of zero or negative size: bbox {box} ([x, y, width, height]). Remove it "
+                "or fix its width and height."
+            )
+        if width is not None and height is not None:
+            inside_w, inside_h = min(x + w, width) - max(x, 0), min(y + h, height) - max(y, 0)
+            if inside_w <= 0 or inside_h <= 0:
+                raise DataError(
+                    f"{where} has bbox {box}, entirely outside its {width}x{height} image. Remove it or fix it."
+                )
+            if inside_w < w or inside_h < h:
+                clipped.append(str(ann.get("id")))
+    if clipped:
+        rank_zero_warn(
+            f"{len(clipped)} box(es) in {str(path)!r} extend past their image and are clipped to it "
+            f"(annotation ids {', '.join(clipped[:5])}{' ...' if len(clipped) > 5 else ''})."
+        )
+    return data
+
+
+class _CocoSplit(Dataset):
+    """One split: ``(uint8 image, target)`` with contiguous labels, crowd boxes dropped or flagged, extras kept."""
+
+    def __init__(
+        self,
+        images: Path,
+        annotations: Path,
+        label_of: dict[int, int],
+        train: bool,
+        hflip: bool,
+        extra_keys: list[str],
+    ) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "loading annotations..."
+            coco = CocoDetection(str(images), str(annotations))
+        self.coco = coco.coco
+        self.ids = coco.ids
+        self.dataset = wrap_dataset_for_transforms_v2(coco, target_keys={"boxes", "labels", "image_id", "iscrowd"})
+        self.label_of, self.train, self.extra_keys = label_of, train, extra_keys
+        steps: list[v2.Transform] = [v2.PILToTensor(), v2.ClampBoundingBoxes()]
+        if train and hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        self.transform = v2.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        image, target = self.dataset[index]
+        image_id = self.ids[index]
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))  # the wrapper's order
+        if "boxes" not in target:  # an image without annotations: background only, kept
+            h, w = image.height, image.width
+            target["boxes"] = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w))
+            target["labels"] = torch.zeros(0, dtype=torch.int64)
+            target["iscrowd"] = torch.zeros(0, dtype=torch.int64)
+        image, boxes = self.transform(image, target["boxes"])
+        labels = torch.tensor([self.label_of[int(c)] for c in target["labels"]], dtype=torch.int64)
+        crowd = torch.as_tensor(target["iscrowd"], dtype=torch.int64).reshape(-1)
+        out = {"boxes": boxes.as_subclass(Tensor).float(), "labels": labels, "image_id": torch.tensor(image_id)}
+        for key in self.extra_keys:
+            out[key] = torch.tensor([int(a.get(key, -1)) for a in anns], dtype=torch.int64)
+        if self.train:  # crowd regions are not objects to learn; COCO evaluation ignores them instead
+            keep = crowd == 0
+            out = {k: v[keep] if v.dim() and len(v) == len(crowd) else v for k, v in out.items()}
+        else:
+            out["iscrowd"] = crowd
+        return image.as_subclass(Tensor), out
+
+
+class CocoDetectionDataModule(pl.LightningDataModule):
+    """COCO-format detection data: an image folder and a COCO JSON per split, for :class:`FrozenBNDetector`.
+
+    Read through ``torchvision.datasets.CocoDetection`` and ``wrap_dataset_for_transforms_v2`` (boxes
+    as ``tv_tensors.BoundingBoxes``, so the v2 transforms move them with the pixels). COCO category
+    ids need not be contiguous: they map, in id order, to labels 1..num_classes (0 is background) and
+    the names are kept (:attr:`classes`); :attr:`category_ids` maps back for results files. Images
+    without annotations stay in as background. Crowd boxes are left out of training and flagged
+    ``iscrowd`` for evaluation, where COCO's rule ignores detections on them. Every annotation is
+    checked before training: a missing image, an unknown category, a box of zero size or wholly
+    outside its image is an error naming the annotation and the file; boxes that stick out are clipped.
+
+    Images come as uint8 ``(3, H, W)`` at their own size: the detector resizes and normalises on the
+    device. Scale jitter is the detector's ``min_size`` list (one size drawn per image), as in
+    torchvision's and detectron2's recipes; a resize here would be undone by it.
+
+    Args:
+        train_images, train_annotations: the training image folder and COCO JSON.
+        val_images, val_annotations: the validation split (mAP is computed on it).
+        test_images, test_annotations: an optional test split (``test``, or ``predict_split: test``).
+        predict_split: the split ``predict`` runs on ("val" or "test"); results keep its image ids.
+        batch_size: images per device per step.
+        num_workers: DataLoader worker processes.
+        hflip: random horizontal flips in training (turn off where flipping changes the class).
+        pin_memory: pin host memory (default: when CUDA is available).
+        seed: seed of the per-epoch shuffle (the order survives a resume).
+        extra_keys: per-annotation integer fields carried into the targets (e.g. ``["identity"]`` for
+            re-identification; -1 where an annotation lacks it).
+    """
+
+    def __init__(
+        self,
+        train_images: str | Path,
+        train_annotations: str | Path,
+        val_images: str | Path,
+        val_annotations: str | Path,
+        test_images: str | Path | None = None,
+        test_annotations: str | Path | None = None,
+        predict_split: Literal["val", "test"] = "val",
+        batch_size: int = 2,
+        num_workers: int = 2,
+        hflip: bool = True,
+        pin_memory: bool | None = None,
+        seed: int = 0,
+        extra_keys: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("num_workers", num_workers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
+                raise DataError(f"{name}={value!r} is invalid: expected an integer >= {int(name == 'batch_size')}.")
+        if predict_split not in ("val", "test"):
+            raise DataError(f"predict_split={predict_split!r} is invalid: expected 'val' or 'test'.")
+        if (test_images is None) != (test_annotations is None):
+            raise DataError("Set both test_images and test_annotations, or neither.")
+        self.paths: dict[str, tuple[Path, Path] | None] = {
+            "train": (Path(train_images), Path(train_annotations)),
+            "val": (Path(val_images), Path(val_annotations)),
+            "test": (Path(test_images), Path(test_annotations)) if test_images is not None else None,
+        }
+        self.predict_split = predict_split
+        self.batch_size, self.num_workers, self.hflip, self.seed = batch_size, num_workers, hflip, seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.extra_keys = list(extra_keys or [])
+        self._annotations: dict[str, dict[str, Any]] = {}
+        self._datasets: dict[str, _CocoSplit] = {}
+
+    # ---- the label set, known from the training annotations --------------------------------
+    def _split_annotations(self, split: str) -> dict[str, Any]:
+        if split not in self._annotations:
+            paths = self.paths[split]
+            if paths is None:
+                raise DataError(f"No {split} split: set `data.init_args.{split}_images` and `{split}_annotations`.")
+            self._annotations[split] = _read_annotations(paths[1], paths[0], split)
+        return self._annotations[split]
+
+    @property
+    def categories(self) -> list[dict[str, Any]]:
+        """The training annotations' categories, in id order."""
+        return sorted(self._split_annotations("train")["categories"], key=lambda c: c["id"])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of object categories (background not counted); linked to the model by the CLI."""
+        return len(self.categories)
+
+    @property
+    def classes(self) -> list[str]:
+        """Category names, label 1 first (label ``i`` is ``classes[i - 1]``)."""
+        return [str(c.get("name", c["id"])) for c in self.categories]
+
+    @property
+    def category_ids(self) -> list[int]:
+        """COCO category id of each label, label 1 first: how results map back to the annotations."""
+        return [int(c["id"]) for c in self.categories]
+
+    # ---- Lightning hooks --------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Check the annotations of the splits this stage needs and build their datasets."""
+        needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": [self.predict_split]}
+        label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        for split in needed.get(stage, []):
+            if split in self._datasets:
+                continue
+            data = self._split_annotations(split)
+            if split != "train":
+                theirs = {int(c["id"]): c.get("name") for c in data["categories"]}
+                ours = {cid: name for cid, name in zip(self.category_ids, self.classes)}
+                if any(theirs.get(cid, name) != name for cid, name in ours.items()) or set(theirs) - set(ours):
+                    raise DataError(
+                        f"The {split} categories {theirs} differ from the training categories {ours} "
+                        f"({str(self.paths[split][1])!r}). Export both splits with the same label set."
+                    )
+            images, annotations = self.paths[split]
+            self._datasets[split] = _CocoSplit(
+                images, annotations, label_of, split == "train", self.hflip, self.extra_keys
+            )
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        dataset = self._datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
+            num_workers=self.num_workers,
+            collate_fn=collate_detection,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; the last partial batch is kept (frozen BN does not mind its size)."""
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in annotation order."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in annotation order."""
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of ``predict_split``; targets carry each image's COCO id for the results file."""
+        return self._loader(self.predict_split)
+
+
+class DigitsDetectionDataModule(CocoDetectionDataModule):
+    """An offline detection set from scikit-learn's real handwritten digits pasted on black canvases.
+
+    ``prepare_data`` writes it once (atomically, seeded): ``root/{train,val}/*.png`` and
+    ``root/{train,val}.json`` in COCO format, 10 categories "0".."9" with ids 1..10. Train and
+    validation canvases draw from disjoint sets of source digits (no digit seen in training is scored).
+    Each box is the tight box of the digit's ink; annotations carry ``identity`` (the source digit's
+    index) for re-identification examples. From then on this *is* a CocoDetectionDataModule reading
+    files, as a user's own export would be read.
+
+    Args:
+        root: where the set is written (reused if complete).
+        canvas_size: canvas side in pixels.
+        digit_size: (min, max) side of a pasted digit in pixels (the 8x8 source upscaled).
+        digits_per_image: (min, max) digits per canvas, placed without overlap.
+        num_train, num_val: canvases per split.
+        val_fraction: share of the source digits reserved for validation canvases.
+        seed: seed of the split, the layouts and the shuffle.
+        batch_size, num_workers, pin_memory, extra_keys: as for CocoDetectionDataModule.
+    """
+
+    def __init__(
+        self,
+        root: str | Path = "data/digits_detection",
+        canvas_size: int = 128,
+        digit_size: tuple[int, int] = (24, 48),
+        digits_per_image: tuple[int, int] = (1, 3),
+        num_train: int = 1200,
+        num_val: int = 300,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        extra_keys: list[str] | None = None,
+    ) -> None:
+        root = Path(root)
+        super().__init__(
+            root / "train",
+            root / "train.json",
+            root / "val",
+            root / "val.json",
+            batch_size=batch_size,
+            num_workers=num_workers,
+            hflip=False,  # a mirrored 2 is not a 2
+            pin_memory=pin_memory,
+            seed=seed,
+            extra_keys=extra_keys,
+        )
+        lo, hi = digit_size
+        if not 8 <= lo <= hi < canvas_size:
+            raise DataError(f"digit_size={tuple(digit_size)!r} must satisfy 8 <= min <= max < canvas_size.")
+        if not 1 <= digits_per_image[0] <= digits_per_image[1]:
+            raise DataError(f"digits_per_image={tuple(digits_per_image)!r} must satisfy 1 <= min <= max.")
+        if not 0 < val_fraction < 1 or num_train < 1 or num_val < 1:
+            raise DataError("val_fraction must be in (0, 1) and num_train, num_val >= 1.")
+        self.root, self.canvas_size, self.digit_size = root, canvas_size, (lo, hi)
+        self.digits_per_image, self.num_train, self.num_val = tuple(digits_per_image), num_train, num_val
+        self.val_fraction = val_fraction
+
+    @property
+    def categories(self) -> list[dict[str, Any]]:
+        """The ten digits, known before the files exist."""
+        return [{"id": d + 1, "name": str(d)} for d in range(10)]
+
+    def prepare_data(self) -> None:
+        """Write the canvases and the COCO JSON once; a half-written set is never mistaken for a complete one."""
+        if (self.root / ".complete").is_file():
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(digits.target), generator=generator).tolist()
+        n_val = round(len(order) * self.val_fraction)
+        sources = {"val": order[:n_val], "train": order[n_val:]}
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".digits-detection-", dir=self.root.parent))
+        for split, count in (("train", self.num_train), ("val", self.num_val)):
+            (tmp / split).mkdir()
+            coco = {"images": [], "annotations": [], "categories": self.categories}
+            for image_id in range(1, count + 1):
+                canvas, boxes = self._canvas(digits, sources[split], generator)
+                name = f"{image_id:05d}.png"
+                Image.fromarray(canvas.numpy()).save(tmp / split / name)
+                coco["images"].append(
+                    {"id": image_id, "file_name": name, "width": canvas.shape[1], "height": canvas.shape[0]}
+                )
+                for (x0, y0, x1, y1), source in boxes:
+                    coco["annotations"].append(
+                        {
+                            "id": len(coco["annotations"]) + 1,
+                            "image_id": image_id,
+                            "category_id": int(digits.target[source]) + 1,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "area": (x1 - x0) * (y1 - y0),
+                            "iscrowd": 0,
+                            "identity": source,
+                        }
+                    )
+            (tmp / f"{split}.json").write_text(json.dumps(coco))
+        (tmp / ".complete").write_text(f"sklearn load_digits on {self.canvas_size}px canvases, seed={self.seed}\n")
+        if (self.root / ".complete").is_file():  # another node finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if self.root.exists():  # an incomplete leftover of a killed writer
+            shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            os.replace(tmp, self.root)
+        except OSError:
+            if not (self.root / ".complete").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _canvas(
+        self, digits: Any, pool: list[int], generator: torch.Generator
+    ) -> tuple[Tensor, list[tuple[tuple[int, int, int, int], int]]]:
+        size = self.canvas_size
+        canvas = torch.zeros(size, size, dtype=torch.uint8)
+        lo, hi = self.digits_per_image
+        wanted = int(torch.randint(lo, hi + 1, (), generator=generator))
+        placed: list[tuple[tuple[int, int, int, int], int]] = []
+        for _ in range(wanted * 20):  # rejection sampling of non-overlapping spots
+            if len(placed) == wanted:
+                break
+            side = int(torch.randint(self.digit_size[0], self.digit_size[1] + 1, (), generator=generator))
+            x, y = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=generator))
+            if any(x < b[2] and b[0] < x + side and y < b[3] and b[1] < y + side for b, _ in placed):
+                continue
+            source = pool[int(torch.randint(len(pool), (), generator=generator))]
+            pixels = torch.from_numpy(digits.images[source]).float()[None, None] * (255.0 / 16.0)
+            patch = torch.nn.functional.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False)
+            patch = patch[0, 0].round().clamp(0, 255).to(torch.uint8)
+            ink = (patch > 32).nonzero()
+            if len(ink) == 0:
+                continue
+            region = canvas[y : y + side, x : x + side]
+            torch.maximum(region, patch, out=region)
+            (top, left), (bottom, right) = ink.min(0).values.tolist(), ink.max(0).values.tolist()
+            placed.append(((x + left, y + top, x + right + 1, y + bottom + 1), source))
+        return canvas, placed
+
+
+class CocoResultsWriter(BasePredictionWriter):
+    """Write ``predict`` detections as a COCO results JSON: ``image_id, category_id, bbox [x, y, w, h], score``.
+
+    The file loads with ``pycocotools.coco.COCO.loadRes`` against the predicted split's annotations
+    (the image and category ids are theirs). Under DDP the ranks' detections are gathered and rank 0
+    writes one file, atomically.
+
+    Args:
+        output: the JSON path.
+    """
+
+    def __init__(self, output: str | Path = "detections.json") -> None:
+        super().__init__(write_interval="epoch")
+        self.output = Path(output)
+
+    def write_on_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        """Map labels back to COCO category ids and write the file."""
+        category_ids = getattr(trainer.datamodule, "category_ids", None)
+        by_image: dict[int, list[dict[str, Any]]] = {}
+        for batch in predictions:
+            for det in batch:
+                rows = by_image.setdefault(int(det.get("image_id", -1)), [])
+                boxes = det["boxes"].tolist()
+                for (x0, y0, x1, y1), label, score in zip(boxes, det["labels"].tolist(), det["scores"].tolist()):
+                    rows.append(
+                        {
+                            "image_id": int(det.get("image_id", -1)),
+                            "category_id": category_ids[label - 1] if category_ids else label,
+                            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                            "score": round(score, 5),
+                        }
+                    )
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, by_image)
+            by_image = {}
+            for part in gathered:  # the distributed sampler repeats a few images to even out the ranks: once each
+                for image_id, rows in part.items():
+                    by_image.setdefault(image_id, rows)
+        results = [row for rows in by_image.values() for row in rows]
+        if trainer.global_rank != 0:
+            return
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.output.with_name(self.output.name + ".tmp")
+        tmp.write_text(json.dumps(results))
+        os.replace(tmp, self.output)
+        print(f"{len(results)} detections written to {self.output}")

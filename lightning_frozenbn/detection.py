@@ -1,0 +1,350 @@
+"""FrozenBNDetector: Faster R-CNN C4 assembled from torchvision's parts around the frozen-BN backbone and head."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+
+from lightning_frozenbn.backbone import Norm
+from lightning_frozenbn.checkpoint import CheckpointError
+from lightning_frozenbn.data import IMAGENET_MEAN, IMAGENET_STD
+from lightning_frozenbn.module import FrozenBNModule, default_optimizer
+
+__all__ = ["MAP_BACKENDS", "FrozenBNDetector"]
+
+MAP_BACKENDS = ("pycocotools", "faster_coco_eval")
+# MeanAveragePrecision's scalar results, logged as <stage>/<key>
+_MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
+
+
+class FrozenBNDetector(FrozenBNModule):
+    """Faster R-CNN "C4" (Detectron's R50-C4) on the frozen-BN ResNet: the detector the backbone/head split is for.
+
+    Assembled from torchvision's detection parts, not re-implemented: ``GeneralizedRCNNTransform``
+    (resize to ``min_size``/``max_size``, normalise, batch), a ``RegionProposalNetwork`` on the C4 map
+    (stride 16), ``MultiScaleRoIAlign`` pooling each region from C4, the frozen-BN ``layer4`` head run
+    once per region as the box head, and a ``FastRCNNPredictor``. With ``fold=False`` it computes exactly
+    what ``torchvision.models.detection.FasterRCNN`` built from the same parts computes (tested).
+
+    The region head is where the time goes: ``layer4`` runs on ``box_batch_size_per_image`` regions per
+    image in training and ``rpn_post_nms_top_n_test`` at test time, so ``fold`` (on by default) matters
+    most there, and those two counts are the first knobs to turn on small hardware.
+
+    Research code overrides :meth:`forward_box_features` (the per-region embedding), :meth:`roi_losses`
+    (e.g. add a re-identification loss on the box features, with the sampled regions' matched ground
+    truth) and :meth:`compute_loss` (how the named losses are summed); see the README's "Detection".
+
+    Batches are ``(images, targets)``: lists of ``(3, H, W)`` images (uint8 0..255 or float 0..1, any
+    sizes) and of dicts with ``boxes`` (``(K, 4)`` float, xyxy pixels) and ``labels`` (``(K,)`` int64,
+    1..num_classes; 0 is background), as :class:`~lightning_frozenbn.CocoDetectionDataModule` yields.
+
+    Args:
+        num_classes: number of object classes, background excluded (the CLI links it from the data).
+        arch, weights, norm, freeze_at, fold, compile, channels_last, backbone_lr_mult, calibrate_bn,
+            check_finite, optimizer, scheduler, scheduler_interval, scheduler_frequency,
+            scheduler_monitor, warmup_steps, no_decay_norm_bias: as for
+            :class:`~lightning_frozenbn.FrozenBNClassifier`; ``weights`` may be a classifier checkpoint of
+            this package (its backbone and head are loaded, its classifier dropped).
+        head_pool: pooling of the per-region layer4 output: "avg" (torchvision, Detectron) or "max"
+            (the person-search heads).
+        min_size: the shorter image side after resizing; a list picks one at random per image in
+            training (multi-scale training, the usual scale jitter) and the last one for evaluation.
+        max_size: cap on the longer side after resizing.
+        anchor_sizes: anchor sides in pixels of the resized image, one RPN map so one tuple of sizes.
+        aspect_ratios: anchor height/width ratios.
+        rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test, rpn_post_nms_top_n_train,
+            rpn_post_nms_top_n_test: proposals kept per image before and after the RPN's NMS.
+        rpn_batch_size_per_image: anchors sampled per image for the RPN losses.
+        box_batch_size_per_image: regions sampled per image for the box head in training (the cost
+            centre: each runs through layer4).
+        box_positive_fraction: share of those regions that are foreground (at most).
+        roi_output_size: RoIAlign output side on C4; layer4 halves it (14 -> 7, as in Detectron C4).
+        roi_sampling_ratio: RoIAlign sampling points per bin (torchvision's 2; 0 = adaptive).
+        box_score_thresh, box_nms_thresh, box_detections_per_img: test-time post-processing.
+        image_mean, image_std: normalisation of 0..1 images, that of the pretrained weights.
+        map_backend: the COCO evaluation backend of torchmetrics' MeanAveragePrecision.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "resnet50",
+        weights: str | None = None,
+        norm: Norm = "frozen",
+        freeze_at: int = 2,
+        fold: bool = True,
+        compile: bool = False,
+        channels_last: bool = False,
+        backbone_lr_mult: float = 1.0,
+        calibrate_bn: int = 0,
+        check_finite: bool | Literal["deferred"] = True,
+        head_pool: Literal["avg", "max"] = "avg",
+        min_size: int | list[int] = 800,
+        max_size: int = 1333,
+        anchor_sizes: list[int] = (32, 64, 128, 256, 512),
+        aspect_ratios: list[float] = (0.5, 1.0, 2.0),
+        rpn_pre_nms_top_n_train: int = 2000,
+        rpn_pre_nms_top_n_test: int = 1000,
+        rpn_post_nms_top_n_train: int = 2000,
+        rpn_post_nms_top_n_test: int = 1000,
+        rpn_batch_size_per_image: int = 256,
+        box_batch_size_per_image: int = 512,
+        box_positive_fraction: float = 0.25,
+        roi_output_size: int = 14,
+        roi_sampling_ratio: int = 2,
+        box_score_thresh: float = 0.05,
+        box_nms_thresh: float = 0.5,
+        box_detections_per_img: int = 100,
+        image_mean: list[float] = IMAGENET_MEAN,
+        image_std: list[float] = IMAGENET_STD,
+        map_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_frequency: int = 1,
+        scheduler_monitor: str = "val/map",
+        warmup_steps: int = 0,
+        no_decay_norm_bias: bool = False,
+    ) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"num_classes={num_classes!r} is invalid: expected the number of object classes (>= 1, "
+                "background not counted). With the CLI it is taken from the data module; do not set it twice."
+            )
+        sizes = [min_size] if isinstance(min_size, int) else list(min_size)
+        counts = {
+            "max_size": max_size,
+            "rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
+            "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
+            "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
+            "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
+            "rpn_batch_size_per_image": rpn_batch_size_per_image,
+            "box_batch_size_per_image": box_batch_size_per_image,
+            "roi_output_size": roi_output_size,
+            "box_detections_per_img": box_detections_per_img,
+            **{f"min_size[{i}]": s for i, s in enumerate(sizes)},
+            **{f"anchor_sizes[{i}]": s for i, s in enumerate(anchor_sizes)},
+        }
+        if not sizes or not list(anchor_sizes) or not list(aspect_ratios):
+            raise ValueError("min_size, anchor_sizes and aspect_ratios need at least one value each.")
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: expected a positive integer.")
+        if not 0 < box_positive_fraction <= 1 or any(not r > 0 for r in aspect_ratios):
+            raise ValueError(
+                f"box_positive_fraction={box_positive_fraction!r} must be in (0, 1] and aspect_ratios="
+                f"{list(aspect_ratios)!r} positive."
+            )
+        if map_backend not in MAP_BACKENDS:
+            raise ValueError(f"map_backend={map_backend!r} is invalid: expected one of {', '.join(MAP_BACKENDS)}.")
+        super().__init__(
+            arch,
+            weights,
+            norm,
+            freeze_at,
+            fold,
+            compile,
+            channels_last,
+            backbone_lr_mult,
+            calibrate_bn,
+            check_finite,
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            scheduler_frequency,
+            scheduler_monitor,
+            warmup_steps,
+            no_decay_norm_bias,
+            head_pool,
+        )
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # several sizes: one drawn per image in training (scale jitter), the last one in evaluation
+        self.transform = GeneralizedRCNNTransform(tuple(sizes), max_size, list(image_mean), list(image_std))
+        anchors = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
+        self.rpn = RegionProposalNetwork(
+            anchors,
+            RPNHead(self.backbone.out_channels, anchors.num_anchors_per_location()[0]),
+            fg_iou_thresh=0.7,
+            bg_iou_thresh=0.3,
+            batch_size_per_image=rpn_batch_size_per_image,
+            positive_fraction=0.5,
+            pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
+            post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
+            nms_thresh=0.7,
+        )
+        # The box head (self.head) is called by forward_roi, not by RoIHeads: box_head is a placeholder
+        # so layer4 is registered once, under ``head.`` as in the classifier (its weights load either way).
+        self.roi_heads = RoIHeads(
+            MultiScaleRoIAlign(["0"], roi_output_size, roi_sampling_ratio),
+            nn.Identity(),
+            FastRCNNPredictor(self.head.out_channels, num_classes + 1),
+            fg_iou_thresh=0.5,
+            bg_iou_thresh=0.5,
+            batch_size_per_image=box_batch_size_per_image,
+            positive_fraction=box_positive_fraction,
+            bbox_reg_weights=None,
+            score_thresh=box_score_thresh,
+            nms_thresh=box_nms_thresh,
+            detections_per_img=box_detections_per_img,
+        )
+        predictor = self.roi_heads.box_predictor
+        # Detectron's initialisation: near-zero scores and deltas at the start. nn.Linear's default gives
+        # logits as large as the pretrained head's features (tens, on a digits backbone), and the first
+        # steps then spend themselves undoing them (torchvision starts from COCO weights, never from here).
+        nn.init.normal_(predictor.cls_score.weight, std=0.01)
+        nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(predictor.cls_score.bias), nn.init.zeros_(predictor.bbox_pred.bias)
+        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
+        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
+
+    # ---- the parts research code overrides -------------------------------------------------
+    def forward_backbone(self, images: Tensor) -> Tensor:
+        """The C4 feature map of the batched, normalised images."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone(images)
+
+    def forward_box_features(self, regions: Tensor) -> Tensor:
+        """Per-region embedding ``(R, head.out_channels)`` from RoIAligned C4 regions: layer4 + pooling."""
+        return self.head(regions)
+
+    def roi_losses(
+        self,
+        box_features: Tensor,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        labels: list[Tensor],
+        regression_targets: list[Tensor],
+        matched_idxs: list[Tensor],
+        targets: list[dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """The box-head losses by name; override to add losses on the sampled regions.
+
+        Args:
+            box_features: :meth:`forward_box_features` of the sampled regions, images concatenated.
+            class_logits: the predictor's class scores for them.
+            box_regression: the predictor's box deltas for them.
+            labels: per image, each sampled region's class (0 = background).
+            regression_targets: per image, the encoded box targets.
+            matched_idxs: per image, the index into ``targets[i]["boxes"]`` of each region's
+                best-matching ground truth (meaningful where ``labels > 0``).
+            targets: the (resized) targets, with any extra per-box keys the data carries.
+        """
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+
+    def compute_loss(self, losses: dict[str, Tensor]) -> Tensor:
+        """The training loss from the named losses: their sum (override to weight them)."""
+        return torch.stack(list(losses.values())).sum()
+
+    # ---- the pipeline -----------------------------------------------------------------------
+    def forward_roi(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """Torchvision's ``RoIHeads.forward`` for boxes, with the box head and the losses overridable."""
+        roi = self.roi_heads
+        if self.training:
+            if targets is None:
+                raise ValueError("Training needs targets: batches of (images, targets).")
+            proposals, matched_idxs, labels, regression_targets = roi.select_training_samples(proposals, targets)
+        box_features = self.forward_box_features(roi.box_roi_pool(features, proposals, image_sizes))
+        class_logits, box_regression = roi.box_predictor(box_features)
+        if self.training:
+            losses = self.roi_losses(
+                box_features, class_logits, box_regression, labels, regression_targets, matched_idxs, targets
+            )
+            return [], losses
+        boxes, scores, classes = roi.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+        return [{"boxes": b, "labels": c, "scores": s} for b, c, s in zip(boxes, classes, scores)], {}
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Training mode: the losses by name. Eval mode: per image ``boxes`` (xyxy pixels), ``labels``, ``scores``."""
+        images = [img if img.is_floating_point() else img.to(self.dtype).div_(255) for img in images]
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, targets = self.transform(images, targets)
+        features = OrderedDict([("0", self.forward_backbone(batch.tensors))])
+        proposals, rpn_losses = self.rpn(batch, features, targets)
+        detections, roi_losses = self.forward_roi(features, proposals, batch.image_sizes, targets)
+        if self.training:
+            return {**roi_losses, **rpn_losses}
+        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+
+    # ---- Lightning hooks --------------------------------------------------------------------
+    def training_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], batch_idx: int) -> Tensor:
+        """Sum the RPN and box-head losses; log each by name; stop at the first non-finite loss."""
+        images, targets = batch
+        losses = self(images, targets)
+        loss = self.compute_loss(losses)
+        self.check_loss_finite(loss, batch_idx)
+        n = len(images)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        return loss
+
+    def _eval_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], metric: MeanAveragePrecision) -> None:
+        images, targets = batch
+        detections = self(images)
+        truth = [{k: t[k] for k in ("boxes", "labels", "iscrowd") if k in t} for t in targets]
+        metric.update([{k: d[k].float() if k != "labels" else d[k] for k in d} for d in detections], truth)
+
+    def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
+        result = metric.compute()  # already reduced over ranks by torchmetrics
+        self.log_dict({f"{stage}/{k}": result[k].float() for k in _MAP_KEYS if k != "map_50"})
+        self.log(f"{stage}/map_50", result["map_50"].float(), prog_bar=True)
+        metric.reset()
+
+    def validation_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], batch_idx: int) -> None:
+        """Accumulate COCO box mAP on the validation split."""
+        self._eval_step(batch, self.val_map)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/map`` (0.5:0.95), ``val/map_50``, ``val/map_75``, by object size, and recalls."""
+        self._log_map("val", self.val_map)
+
+    def test_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], batch_idx: int) -> None:
+        """Accumulate COCO box mAP on the test split."""
+        self._eval_step(batch, self.test_map)
+
+    def on_test_epoch_end(self) -> None:
+        """Log the ``test/`` mAP figures."""
+        self._log_map("test", self.test_map)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Detections per image on the CPU, with the ``image_id`` the data gave (for COCO results files)."""
+        images, targets = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
+        detections = self(images)
+        out = []
+        for i, d in enumerate(detections):
+            item: dict[str, Any] = {k: v.detach().float().cpu() if k != "labels" else v.cpu() for k, v in d.items()}
+            if targets is not None and "image_id" in targets[i]:
+                item["image_id"] = int(targets[i]["image_id"])
+            out.append(item)
+        return out
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a classifier checkpoint with the way to use it instead; say what a run resumes from."""
+        state = checkpoint.get("state_dict", {})
+        if "classifier.weight" in state and not any(k.startswith("roi_heads.") for k in state):
+            raise CheckpointError(
+                "This checkpoint is a FrozenBNClassifier's (it has `classifier.*`, no detection heads): the "
+                "detector cannot resume or evaluate from it. To start a detector from its backbone and head, "
+                "pass the file as `model.init_args.weights` instead of `--ckpt_path`."
+            )
+        super().on_load_checkpoint(checkpoint)

@@ -1,0 +1,227 @@
+"""COCO-format data for the detector: label mapping, crowd and empty images, clipping, bad input, results files."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from lightning_frozenbn import CocoDetectionDataModule, CocoResultsWriter, DataError, DigitsDetectionDataModule
+
+
+def write_coco(tmp_path, annotations=None, images=None, categories=None, name="train"):
+    """A small COCO export: 3 images (one without boxes), non-contiguous category ids 3, 7, 11."""
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    images = (
+        images
+        if images is not None
+        else [
+            {"id": 10, "file_name": "a.png", "width": 48, "height": 40},
+            {"id": 20, "file_name": "b.png", "width": 40, "height": 48},
+            {"id": 30, "file_name": "empty.png", "width": 32, "height": 32},
+        ]
+    )
+    for img in images:
+        if not (folder / img["file_name"]).exists():
+            Image.new("RGB", (img["width"], img["height"]), (40, 80, 120)).save(folder / img["file_name"])
+    categories = (
+        categories
+        if categories is not None
+        else [
+            {"id": 11, "name": "kite"},
+            {"id": 3, "name": "car"},
+            {"id": 7, "name": "train"},
+        ]
+    )
+    annotations = (
+        annotations
+        if annotations is not None
+        else [
+            {"id": 1, "image_id": 10, "category_id": 7, "bbox": [2, 3, 10, 12], "iscrowd": 0, "identity": 5},
+            {"id": 2, "image_id": 10, "category_id": 11, "bbox": [20, 10, 8, 8], "iscrowd": 1, "identity": 6},
+            {"id": 3, "image_id": 10, "category_id": 3, "bbox": [40, 30, 20, 20], "iscrowd": 0, "identity": 7},
+            {"id": 4, "image_id": 20, "category_id": 3, "bbox": [0, 0, 40, 48], "iscrowd": 0},
+        ]
+    )
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return folder, path
+
+
+def module(tmp_path, **kwargs):
+    train = write_coco(tmp_path, name="train")
+    val = write_coco(tmp_path, name="val")
+    return CocoDetectionDataModule(*train, *val, num_workers=0, hflip=False, **kwargs)
+
+
+def test_labels_names_crowd_empty_images_clipping_and_extra_keys(tmp_path):
+    dm = module(tmp_path, extra_keys=["identity"])
+    assert dm.num_classes == 3 and dm.classes == ["car", "train", "kite"] and dm.category_ids == [3, 7, 11]
+    with pytest.warns(UserWarning, match=r"1 box\(es\) .* clipped .*annotation ids 3"):
+        dm.setup("fit")
+    train, val = dm._datasets["train"], dm._datasets["val"]
+    image, target = train[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 40, 48)
+    # the crowd box (id 2) is left out of training; the box sticking out (id 3) is clipped to 48x40
+    torch.testing.assert_close(target["boxes"], torch.tensor([[2.0, 3, 12, 15], [40, 30, 48, 40]]))
+    assert target["labels"].tolist() == [2, 1] and target["identity"].tolist() == [5, 7]
+    assert int(target["image_id"]) == 10
+    # evaluation keeps it, flagged for COCO's crowd rule
+    _, target = val[0]
+    assert target["labels"].tolist() == [2, 3, 1] and target["iscrowd"].tolist() == [0, 1, 0]
+    # an image without annotations is background, not dropped
+    image, target = train[2]
+    assert target["boxes"].shape == (0, 4) and target["labels"].dtype == torch.int64 and image.shape == (3, 32, 32)
+    assert target["identity"].shape == (0,)
+    images, targets = next(iter(dm.train_dataloader()))
+    assert isinstance(images, list) and len(images) == 2 and isinstance(targets[0], dict)
+
+
+def test_hflip_moves_the_boxes_with_the_pixels(tmp_path):
+    train, val = write_coco(tmp_path, name="train"), write_coco(tmp_path, name="val")
+    flipped = CocoDetectionDataModule(*train, *val, num_workers=0, hflip=True)
+    flipped.setup("fit")
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        image, target = flipped._datasets["train"][1]  # 40 px wide, box [0, 0, 40, 48] spans it
+        image, target = flipped._datasets["train"][0]
+        seen.add(tuple(target["boxes"][0].tolist()))
+    assert seen == {(2.0, 3.0, 12.0, 15.0), (36.0, 3.0, 46.0, 15.0)}  # x -> 48 - x
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ("missing_json", r"train annotations .*nope\.json' do not exist.*COCO-format JSON"),
+        ("malformed_json", r"are not valid JSON: .*line 1 column"),
+        ("not_coco", r"not COCO detection annotations: no list 'annotations'"),
+        ("missing_image", r"1 image\(s\) listed in .* are missing from .*: b\.png \(image id 20\)"),
+        (
+            "unknown_category",
+            r"annotation id 4 of 'b\.png' .* category_id 99.*not among the categories \(\[3, 7, 11\]\)",
+        ),
+        ("zero_area", r"annotation id 4 of 'b\.png' .*zero or negative size: bbox \[5, 5, 0, 10\]"),
+        ("outside", r"annotation id 4 of 'b\.png' .*entirely outside its 40x48 image"),
+        ("empty", r"list no images: the split is empty"),
+        ("unknown_image", r"annotation id 4 \(image id 99\) .*not listed in 'images'"),
+    ],
+)
+def test_bad_annotations_are_named_with_the_fix(tmp_path, edit, match):
+    folder, path = write_coco(tmp_path)
+    data = json.loads(path.read_text())
+    if edit == "missing_json":
+        path = tmp_path / "nope.json"
+    elif edit == "malformed_json":
+        path.write_text('{"images": [')
+    elif edit == "not_coco":
+        path.write_text(json.dumps({"images": data["images"]}))
+    elif edit == "missing_image":
+        (folder / "b.png").unlink()
+    elif edit == "empty":
+        path.write_text(json.dumps({**data, "images": [], "annotations": []}))
+    else:
+        ann = data["annotations"][3]
+        ann.update(
+            {
+                "unknown_category": {"category_id": 99},
+                "zero_area": {"bbox": [5, 5, 0, 10]},
+                "outside": {"bbox": [50, 60, 10, 10]},
+                "unknown_image": {"image_id": 99},
+            }[edit]
+        )
+        path.write_text(json.dumps(data))
+    before = path.read_bytes() if path.exists() else None
+    val = write_coco(tmp_path, name="val")
+    dm = CocoDetectionDataModule(folder, path, *val, num_workers=0)
+    with pytest.raises(DataError, match=match):
+        dm.setup("fit")
+    assert (path.read_bytes() if path.exists() else None) == before  # nothing written over
+
+
+def test_val_categories_must_match_training(tmp_path):
+    train = write_coco(tmp_path, name="train")
+    val = write_coco(
+        tmp_path,
+        name="val",
+        categories=[{"id": 3, "name": "car"}, {"id": 7, "name": "bus"}, {"id": 11, "name": "kite"}],
+    )
+    with pytest.raises(DataError, match=r"val categories .* differ from the training categories"):
+        CocoDetectionDataModule(*train, *val, num_workers=0).setup("fit")
+
+
+def test_digits_detection_set_is_real_tight_seeded_and_split_by_source(tmp_path):
+    dm = DigitsDetectionDataModule(root=tmp_path / "d", canvas_size=64, digit_size=(16, 24), num_train=12, num_val=6)
+    dm.prepare_data()
+    again = DigitsDetectionDataModule(root=tmp_path / "e", canvas_size=64, digit_size=(16, 24), num_train=12, num_val=6)
+    again.prepare_data()
+    assert (tmp_path / "d" / "train.json").read_text() == (tmp_path / "e" / "train.json").read_text()
+    with contextlib.redirect_stdout(io.StringIO()):
+        train, val = COCO(str(tmp_path / "d" / "train.json")), COCO(str(tmp_path / "d" / "val.json"))
+    assert len(train.getImgIds()) == 12 and len(val.getImgIds()) == 6 and len(train.getCatIds()) == 10
+    identities = [{a["identity"] for a in c.dataset["annotations"]} for c in (train, val)]
+    assert identities[0] and identities[1] and not identities[0] & identities[1]  # no val digit is trained on
+    dm.setup("fit")
+    for index in range(12):
+        image, target = dm._datasets["train"][index]
+        ink = image[0] > 32
+        assert 1 <= len(target["boxes"]) <= 3
+        inside = torch.zeros_like(ink)
+        for x0, y0, x1, y1 in target["boxes"].int().tolist():
+            inside[y0:y1, x0:x1] = True
+            # tight: ink touches every edge of the box
+            assert (
+                ink[y0, x0:x1].any() and ink[y1 - 1, x0:x1].any() and ink[y0:y1, x0].any() and ink[y0:y1, x1 - 1].any()
+            )
+        assert not (ink & ~inside).any()  # no ink outside the boxes
+
+
+class _GroundTruthAsDetections(__import__("lightning").pytorch.LightningModule):
+    """Predicts the ground truth: the results file must then score mAP 1.0 with pycocotools."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def predict_step(self, batch, batch_idx):
+        images, targets = batch
+        return [
+            {
+                "boxes": t["boxes"],
+                "labels": t["labels"],
+                "scores": torch.full((len(t["labels"]),), 0.9),
+                "image_id": int(t["image_id"]),
+            }
+            for t in targets
+        ]
+
+
+def test_results_file_maps_back_to_coco_ids_and_xywh(tmp_path):
+    from conftest import quiet_trainer
+
+    train = write_coco(tmp_path, name="train")
+    # only non-crowd boxes inside the image: their detections must match exactly
+    anns = [
+        {"id": 1, "image_id": 10, "category_id": 7, "bbox": [2, 3, 10, 12], "iscrowd": 0, "area": 120},
+        {"id": 3, "image_id": 10, "category_id": 11, "bbox": [20, 10, 20, 20], "iscrowd": 0, "area": 400},
+        {"id": 4, "image_id": 20, "category_id": 3, "bbox": [1, 2, 30, 40], "iscrowd": 0, "area": 1200},
+    ]
+    val = write_coco(tmp_path, name="val", annotations=anns)
+    dm = CocoDetectionDataModule(*train, *val, num_workers=0)
+    out = tmp_path / "det.json"
+    trainer = quiet_trainer(tmp_path, callbacks=[CocoResultsWriter(out)])
+    trainer.predict(_GroundTruthAsDetections(), datamodule=dm, return_predictions=False)
+    results = json.loads(out.read_text())
+    assert {(r["image_id"], r["category_id"]) for r in results} == {(10, 7), (10, 11), (20, 3)}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(val[1]))
+        evaluator = COCOeval(gt, gt.loadRes(str(out)), "bbox")
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    assert evaluator.stats[0] == pytest.approx(1.0)

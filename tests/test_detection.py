@@ -1,0 +1,308 @@
+"""FrozenBNDetector: torchvision's Faster R-CNN pipeline exactly, fold exact, the guard sees it, research overrides."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import quiet_trainer, randomize_bn
+from pycocotools.coco import COCO
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+
+from lightning_frozenbn import FrozenBNDetector, FrozenModuleGuard, find_frozen_modules, fold_frozen_batchnorm
+
+SMALL = dict(
+    arch="resnet18",
+    min_size=64,
+    max_size=96,
+    anchor_sizes=[16, 32],
+    aspect_ratios=[1.0, 2.0],
+    rpn_pre_nms_top_n_train=200,
+    rpn_post_nms_top_n_train=100,
+    rpn_pre_nms_top_n_test=100,
+    rpn_post_nms_top_n_test=20,
+    box_batch_size_per_image=16,
+    roi_output_size=6,
+)
+
+
+def scenes(n: int = 2, size: int = 64, seed: int = 0):
+    """Random images with 0, 3 or 6 random boxes (one image without any): many regions near the boxes."""
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randint(0, 256, (3, size, size + 8 * i), generator=g, dtype=torch.uint8) for i in range(n)]
+    targets = []
+    for i in range(n):
+        k = (0, 3, 6)[i % 3]
+        xy = torch.rand(k, 2, generator=g) * (size / 2)
+        wh = torch.rand(k, 2, generator=g) * (size / 3) + 8
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, 4, (k,), generator=g)})
+    return images, targets
+
+
+def by_hand(det: FrozenBNDetector) -> FasterRCNN:
+    """torchvision's FasterRCNN from copies of the same parts, with the same settings."""
+    hp = det.hparams
+    return FasterRCNN(
+        copy.deepcopy(det.backbone),
+        num_classes=None,
+        min_size=hp.min_size,
+        max_size=hp.max_size,
+        image_mean=list(hp.image_mean),
+        image_std=list(hp.image_std),
+        rpn_anchor_generator=AnchorGenerator((tuple(hp.anchor_sizes),), (tuple(hp.aspect_ratios),)),
+        rpn_head=copy.deepcopy(det.rpn.head),
+        rpn_pre_nms_top_n_train=hp.rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=hp.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=hp.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=hp.rpn_post_nms_top_n_test,
+        box_roi_pool=MultiScaleRoIAlign(["0"], hp.roi_output_size, hp.roi_sampling_ratio),
+        box_head=copy.deepcopy(det.head),
+        box_predictor=copy.deepcopy(det.roi_heads.box_predictor),
+        box_batch_size_per_image=hp.box_batch_size_per_image,
+    )
+
+
+def _float_images(images):
+    return [img.double() / 255 for img in images]
+
+
+def test_fold_false_is_torchvision_faster_rcnn_float64():
+    det = randomize_bn(FrozenBNDetector(3, fold=False, freeze_at=1, **SMALL)).double()
+    ref = by_hand(det).double()
+    images, targets = scenes(3)
+    targets64 = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
+    det.train(), ref.train()
+    torch.manual_seed(1)
+    ours = det(_float_images(images), copy.deepcopy(targets64))
+    torch.manual_seed(1)
+    theirs = ref(_float_images(images), copy.deepcopy(targets64))
+    assert set(ours) == set(theirs) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-12, atol=1e-12, msg=key)
+    assert all(v > 0 for v in ours.values())  # every loss is exercised, none trivially zero
+    det.eval(), ref.eval()
+    with torch.no_grad():
+        mine, tv = det(_float_images(images)), ref(_float_images(images))
+    for a, b in zip(mine, tv):
+        assert len(a["boxes"]) > 0
+        for key in ("boxes", "labels", "scores"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-10)
+    # uint8 input is read as x / 255, as the data module sends it
+    with torch.no_grad():
+        from_uint8 = det([img for img in images])
+    torch.testing.assert_close(from_uint8[0]["boxes"], mine[0]["boxes"])
+
+
+def test_fold_true_gives_the_same_losses_and_gradients_float64():
+    plain = randomize_bn(FrozenBNDetector(3, fold=False, freeze_at=2, **SMALL)).double()
+    folded = copy.deepcopy(plain)
+    fold_frozen_batchnorm(folded.backbone), fold_frozen_batchnorm(folded.head)
+    assert any("Folded" in type(m).__name__ for m in folded.head.modules()), "the per-region layer4 must be folded"
+    images, targets = scenes(3, seed=2)
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
+    results = []
+    for model in (plain, folded):
+        model.train()
+        torch.manual_seed(3)
+        losses = model(_float_images(images), copy.deepcopy(targets))
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((losses, grads))
+    (l0, g0), (l1, g1) = results
+    for key in l0:
+        torch.testing.assert_close(l0[key], l1[key], rtol=1e-9, atol=1e-10)
+    assert set(g0) == set(g1) and any(n.startswith("head.layer4") for n in g0)
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_head_pool_max_max_pools_the_regions():
+    det = FrozenBNDetector(2, head_pool="max", **SMALL).eval()
+    regions = torch.randn(5, 256, 6, 6)
+    torch.testing.assert_close(
+        det.forward_box_features(regions), det.head.layer4(regions).amax(dim=(2, 3)), rtol=1e-6, atol=1e-6
+    )
+
+
+class ReidDetector(FrozenBNDetector):
+    """The README's research example: a normalised re-id embedding on the box features, cosine-softmax loss."""
+
+    def __init__(self, num_classes: int, num_identities: int = 8, **kwargs) -> None:
+        super().__init__(num_classes, **kwargs)
+        self.embed = torch.nn.Linear(self.head.out_channels, 32)
+        self.lut = torch.nn.Parameter(torch.randn(num_identities, 32))
+
+    def roi_losses(self, box_features, class_logits, box_regression, labels, regression_targets, matched_idxs, targets):
+        losses = super().roi_losses(
+            box_features, class_logits, box_regression, labels, regression_targets, matched_idxs, targets
+        )
+        ids = torch.cat(
+            [t["identity"][m.clamp(min=0)] if len(t["identity"]) else m for t, m in zip(targets, matched_idxs)]
+        )
+        keep = (torch.cat(labels) > 0) & (ids >= 0)
+        emb = F.normalize(self.embed(box_features[keep]), dim=1)
+        logits = 30.0 * emb @ F.normalize(self.lut, dim=1).T  # cosine softmax, scale 30 as OIM
+        losses["loss_reid"] = F.cross_entropy(logits, ids[keep]) if keep.any() else box_features.sum() * 0
+        return losses
+
+
+def test_reid_subclass_trains_its_embedding_and_the_guard_watches_the_frozen_parts(tmp_path):
+    images, targets = scenes(4, seed=4)
+    for i, t in enumerate(targets):
+        t["identity"] = torch.arange(len(t["boxes"])) + i
+    batch = [(img, t) for img, t in zip(images, targets)]
+    from lightning_frozenbn.coco import collate_detection
+
+    loader = torch.utils.data.DataLoader(batch, batch_size=2, collate_fn=collate_detection)
+    model = ReidDetector(3, **SMALL)
+    lut0 = model.lut.detach().clone()
+    logged = {}
+
+    class Record(__import__("lightning").pytorch.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, i):
+            logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    guard = FrozenModuleGuard()
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[guard, Record()], limit_val_batches=0)
+    trainer.fit(model, loader)
+    assert {"train/loss_reid", "train/loss_classifier", "train/loss_objectness", "train/loss"} <= set(logged)
+    assert not torch.equal(model.lut.detach(), lut0)  # the re-id loss reached its parameters
+    frozen = find_frozen_modules(model)
+    assert any(n.startswith("head.layer4") for n in frozen) and any(n.startswith("backbone.layer1") for n in frozen)
+    assert guard._epochs_verified == 1  # it compared every frozen tensor at the epoch's end
+
+
+# ---- the `lightning-frozenbn-detect` command, real processes ---------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+DETECT = Path(sys.executable).parent / "lightning-frozenbn-detect"
+
+
+def detect(*args, cwd, timeout=300, wait=True):
+    command = [str(DETECT), *args]
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_args(tmp_path, run="run", *extra):
+    """The detection quickstart config on a tiny canvas set: 16 training canvases of 64 px, random init."""
+    return [
+        "--config",
+        str(ROOT / "configs" / "detection_quickstart.yaml"),
+        "--data.init_args.root",
+        str(tmp_path / "dd"),
+        "--data.init_args.canvas_size=64",
+        "--data.init_args.digit_size=[16, 24]",
+        "--data.init_args.num_train=16",
+        "--data.init_args.num_val=4",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+        "--model.init_args.weights=null",
+        "--model.init_args.calibrate_bn=1",
+        "--model.init_args.min_size=64",
+        "--model.init_args.anchor_sizes=[16, 24]",
+        "--model.init_args.box_batch_size_per_image=8",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.default_root_dir",
+        str(tmp_path / run),
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_detect_ddp_two_processes_fit_then_predict_one_coco_results_file(tmp_path):
+    ddp = ["--config", str(ROOT / "configs" / "ddp.yaml"), "--trainer.devices=2"]
+    fit = detect("fit", *tiny_args(tmp_path, "run", *ddp, "--trainer.max_epochs=1"), cwd=tmp_path)
+    out = fit.stdout + fit.stderr
+    assert fit.returncode == 0, out[-3000:]
+    assert "bit-identical at epoch 0 on all 2 ranks" in out
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    metrics = next((tmp_path / "run").rglob("metrics.csv")).read_text()
+    assert "val/map_50" in metrics and "train/loss_objectness" in metrics and "val/map_small" in metrics
+    results = tmp_path / "detections.json"
+    pred = detect(
+        "predict",
+        *tiny_args(tmp_path, "run", *ddp),
+        "--ckpt_path",
+        str(last),
+        "--prediction_writer.output",
+        str(results),
+        cwd=tmp_path,
+    )
+    assert pred.returncode == 0, (pred.stdout + pred.stderr)[-3000:]
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(tmp_path / "dd" / "val.json"))
+        loaded = truth.loadRes(str(results))  # COCO's own tools accept the file
+    assert loaded.getImgIds()
+    rows = json.loads(results.read_text())
+    assert {r["image_id"] for r in rows} <= set(truth.getImgIds()) and {r["category_id"] for r in rows} <= set(
+        range(1, 11)
+    )
+    per_image = {}
+    for r in rows:
+        per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+    assert max(per_image.values()) <= 100  # the 4 images split over 2 ranks, none written twice
+
+
+@pytest.mark.slow
+def test_detect_kill_9_then_resume_last_keeps_frozen_tensors_and_the_guard_count(tmp_path):
+    args = tiny_args(tmp_path, "run", "--trainer.max_epochs=3", "--model.init_args.calibrate_bn=0")
+    proc = detect("fit", *args, cwd=tmp_path, wait=False)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.time() + 240
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert last.exists(), "no checkpoint before the process ended"
+        time.sleep(1.0)  # into epoch 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    killed_at = torch.load(last, weights_only=True)["epoch"]
+    assert killed_at < 2, "the run finished before it was killed"
+    first = torch.load(last, weights_only=True)["state_dict"]
+    resumed = detect("fit", *args, "--ckpt_path", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {last} (saved at epoch {killed_at}" in resumed.stdout + resumed.stderr
+    final = torch.load(last, weights_only=True)
+    assert final["epoch"] == 2
+    frozen = [
+        k for k in first if k.startswith(("backbone.conv1", "backbone.layer1")) or "running_" in k or "_scale" in k
+    ]
+    assert len(frozen) > 20
+    for key in frozen:  # frozen tensors went through kill and resume bit for bit
+        assert torch.equal(first[key], final["state_dict"][key]), key
+    guard = next(v for k, v in final["callbacks"].items() if k.startswith("FrozenModuleGuard"))
+    assert guard["epochs_verified"] == 3
+
+
+@pytest.mark.slow
+def test_a_classifier_checkpoint_given_to_the_detector_is_refused_with_the_fix(tmp_path):
+    from lightning_frozenbn import FrozenBNClassifier
+
+    trainer = quiet_trainer(tmp_path, max_steps=1, enable_checkpointing=False)
+    model = FrozenBNClassifier(num_classes=10, arch="resnet18")
+    trainer.fit(model, torch.utils.data.DataLoader([(torch.randn(3, 32, 32), 1)] * 2, batch_size=2))
+    ckpt = tmp_path / "classifier.ckpt"
+    trainer.save_checkpoint(ckpt)
+    result = detect("validate", *tiny_args(tmp_path), "--ckpt_path", str(ckpt), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "checkpoint of FrozenBNClassifier, not of FrozenBNDetector" in result.stderr
+    assert "model.init_args.weights" in result.stderr and "Traceback" not in result.stderr
+    # and as weights it is what starts a detector: its backbone and head load
+    det = FrozenBNDetector(10, weights=str(ckpt), **SMALL)
+    torch.testing.assert_close(det.backbone.layer2[0].conv1.weight, model.backbone.layer2[0].conv1.weight)
