@@ -7,7 +7,6 @@ import io
 import json
 import math
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +22,7 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-from lightning_frozenbn.data import EpochShuffleSampler
+from lightning_frozenbn.data import EpochShuffleSampler, publish_complete
 from lightning_frozenbn.decode import DataError
 
 __all__ = ["CocoDetectionDataModule", "CocoResultsWriter", "DigitsDetectionDataModule", "collate_detection"]
@@ -407,18 +406,7 @@ class DigitsDetectionDataModule(CocoDetectionDataModule):
                         }
                     )
             (tmp / f"{split}.json").write_text(json.dumps(coco))
-        (tmp / ".complete").write_text(f"sklearn load_digits on {self.canvas_size}px canvases, seed={self.seed}\n")
-        if (self.root / ".complete").is_file():  # another node finished first: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        if self.root.exists():  # an incomplete leftover of a killed writer
-            shutil.rmtree(self.root, ignore_errors=True)
-        try:
-            os.replace(tmp, self.root)
-        except OSError:
-            if not (self.root / ".complete").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_complete(tmp, self.root, f"sklearn load_digits on {self.canvas_size}px canvases, seed={self.seed}")
 
     def _canvas(
         self, digits: Any, pool: list[int], generator: torch.Generator

@@ -490,20 +490,28 @@ class DigitsDataModule(ImageFolderDataModule):
                 folder.mkdir(parents=True, exist_ok=True)
                 pixels = (digits.images[index] * (255.0 / 16.0)).round().astype("uint8")
                 Image.fromarray(pixels).save(folder / f"{index:04d}.png")
-        (tmp / ".complete").write_text(f"sklearn load_digits, val_fraction={self.val_fraction}, seed={self.seed}\n")
-        # Several nodes on a shared filesystem may write at once (prepare_data runs once per node): the
-        # first complete tree wins and is never deleted; the others drop their own copy.
-        if (self.root / ".complete").is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        if self.root.exists():  # an incomplete leftover of a killed writer
-            shutil.rmtree(self.root, ignore_errors=True)
-        try:
-            os.replace(tmp, self.root)
-        except OSError:
-            if not (self.root / ".complete").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another node replaced it first
+        publish_complete(tmp, self.root, f"sklearn load_digits, val_fraction={self.val_fraction}, seed={self.seed}")
+
+
+def publish_complete(tmp: Path, root: Path, description: str) -> None:
+    """Mark the tree written in ``tmp`` complete and move it to ``root`` in one rename.
+
+    A half-written tree is never mistaken for a complete one (``root/.complete`` is the marker). Several
+    nodes on a shared filesystem may write at once (prepare_data runs once per node): the first complete
+    tree wins and is never deleted; the others drop their own copy.
+    """
+    (tmp / ".complete").write_text(description + "\n")
+    if (root / ".complete").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if root.exists():  # an incomplete leftover of a killed writer
+        shutil.rmtree(root, ignore_errors=True)
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        if not (root / ".complete").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another node replaced it first
 
 
 class PredictionWriter(BasePredictionWriter):

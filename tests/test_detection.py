@@ -224,7 +224,14 @@ def tiny_args(tmp_path, run="run", *extra):
 
 @pytest.mark.slow
 def test_detect_ddp_two_processes_fit_then_predict_one_coco_results_file(tmp_path):
-    ddp = ["--config", str(ROOT / "configs" / "ddp.yaml"), "--trainer.devices=2"]
+    # score threshold 0: a 1-epoch model from random init scores every region below torchvision's 0.05
+    # (set at fit: a checkpoint's hyperparameters override the command line of predict)
+    ddp = [
+        "--config",
+        str(ROOT / "configs" / "ddp.yaml"),
+        "--trainer.devices=2",
+        "--model.init_args.box_score_thresh=0.0",
+    ]
     fit = detect("fit", *tiny_args(tmp_path, "run", *ddp, "--trainer.max_epochs=1"), cwd=tmp_path)
     out = fit.stdout + fit.stderr
     assert fit.returncode == 0, out[-3000:]
@@ -233,15 +240,8 @@ def test_detect_ddp_two_processes_fit_then_predict_one_coco_results_file(tmp_pat
     metrics = next((tmp_path / "run").rglob("metrics.csv")).read_text()
     assert "val/map_50" in metrics and "train/loss_objectness" in metrics and "val/map_small" in metrics
     results = tmp_path / "detections.json"
-    pred = detect(
-        "predict",
-        *tiny_args(tmp_path, "run", *ddp),
-        "--ckpt_path",
-        str(last),
-        "--prediction_writer.output",
-        str(results),
-        cwd=tmp_path,
-    )
+    args = tiny_args(tmp_path, "run", *ddp)
+    pred = detect("predict", *args, "--ckpt_path", str(last), "--prediction_writer.output", str(results), cwd=tmp_path)
     assert pred.returncode == 0, (pred.stdout + pred.stderr)[-3000:]
     with contextlib.redirect_stdout(io.StringIO()):
         truth = COCO(str(tmp_path / "dd" / "val.json"))
