@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import quiet_trainer, randomize_bn
 from pycocotools.coco import COCO
 from torchvision.models.detection import FasterRCNN
@@ -23,6 +22,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from lightning_frozenbn import FrozenBNDetector, FrozenModuleGuard, find_frozen_modules, fold_frozen_batchnorm
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(
     arch="resnet18",
     min_size=64,
@@ -136,26 +136,14 @@ def test_head_pool_max_max_pools_the_regions():
     )
 
 
-class ReidDetector(FrozenBNDetector):
-    """The README's research example: a normalised re-id embedding on the box features, cosine-softmax loss."""
-
-    def __init__(self, num_classes: int, num_identities: int = 8, **kwargs) -> None:
-        super().__init__(num_classes, **kwargs)
-        self.embed = torch.nn.Linear(self.head.out_channels, 32)
-        self.lut = torch.nn.Parameter(torch.randn(num_identities, 32))
-
-    def roi_losses(self, box_features, class_logits, box_regression, labels, regression_targets, matched_idxs, targets):
-        losses = super().roi_losses(
-            box_features, class_logits, box_regression, labels, regression_targets, matched_idxs, targets
-        )
-        ids = torch.cat(
-            [t["identity"][m.clamp(min=0)] if len(t["identity"]) else m for t, m in zip(targets, matched_idxs)]
-        )
-        keep = (torch.cat(labels) > 0) & (ids >= 0)
-        emb = F.normalize(self.embed(box_features[keep]), dim=1)
-        logits = 30.0 * emb @ F.normalize(self.lut, dim=1).T  # cosine softmax, scale 30 as OIM
-        losses["loss_reid"] = F.cross_entropy(logits, ids[keep]) if keep.any() else box_features.sum() * 0
-        return losses
+def readme_reid_detector():
+    """The README's research example, executed as written there."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("class ReIDDetector(FrozenBNDetector):")
+    block = text[text.rindex("```python", 0, start) + len("```python") : text.index("```", start)]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    return namespace["ReIDDetector"]
 
 
 def test_reid_subclass_trains_its_embedding_and_the_guard_watches_the_frozen_parts(tmp_path):
@@ -166,7 +154,7 @@ def test_reid_subclass_trains_its_embedding_and_the_guard_watches_the_frozen_par
     from lightning_frozenbn.coco import collate_detection
 
     loader = torch.utils.data.DataLoader(batch, batch_size=2, collate_fn=collate_detection)
-    model = ReidDetector(3, **SMALL)
+    model = readme_reid_detector()(3, num_identities=8, **SMALL)
     lut0 = model.lut.detach().clone()
     logged = {}
 
@@ -185,7 +173,6 @@ def test_reid_subclass_trains_its_embedding_and_the_guard_watches_the_frozen_par
 
 
 # ---- the `lightning-frozenbn-detect` command, real processes ---------------------------------------------
-ROOT = Path(__file__).resolve().parents[1]
 DETECT = Path(sys.executable).parent / "lightning-frozenbn-detect"
 
 
