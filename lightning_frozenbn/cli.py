@@ -89,10 +89,10 @@ class FrozenBNCLI(LightningCLI):
         # model to the class the checkpoint names: a classifier checkpoint would turn the detector command
         # into a classifier run. A truncated or unsafe file must fail with our explanation, not a traceback.
         config = self.config.get(str(self.config.get("subcommand")), {})
-        saved = _checkpoint_extras(config.get("ckpt_path") if hasattr(config, "get") else None)
+        self._saved = saved = _checkpoint_extras(config.get("ckpt_path"))  # read once; reused before instantiation
         model_class = self.model_class
         if saved["class_path"] and not _is_subclass(saved["class_path"], model_class):
-            other = "lightning-frozenbn" if model_class is FrozenBNDetector else "lightning-frozenbn-detect"
+            other = "lightning-frozenbn" if issubclass(model_class, FrozenBNDetector) else "lightning-frozenbn-detect"
             raise CheckpointError(
                 f"{config.get('ckpt_path')} is a checkpoint of {saved['class_path'].rsplit('.', 1)[-1]}, not of "
                 f"{model_class.__name__}: this command cannot resume or evaluate it. Use `{other}` for it, or, to "
@@ -111,7 +111,7 @@ class FrozenBNCLI(LightningCLI):
         given = config.get("model", {}).get("init_args", {}).get("num_classes")
         self._checkpoint_num_classes = given if config.get("ckpt_path") else None
         data_args = config.get("data", {}).get("init_args")
-        saved = _checkpoint_extras(config.get("ckpt_path"))
+        saved = getattr(self, "_saved", None) or _checkpoint_extras(config.get("ckpt_path"))
         if data_args is not None and "class_names" in data_args and data_args.get("class_names") is None:
             data_args["class_names"] = saved["class_names"]  # the checkpoint knows them: no training data needed
         model_args = config.get("model", {}).get("init_args", {})

@@ -139,7 +139,6 @@ class _CocoSplit(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         image, target = self.dataset[index]
         image_id = self.ids[index]
-        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))  # the wrapper's order
         if "boxes" not in target:  # an image without annotations: background only, kept
             h, w = image.height, image.width
             target["boxes"] = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w))
@@ -149,8 +148,10 @@ class _CocoSplit(Dataset):
         labels = torch.tensor([self.label_of[int(c)] for c in target["labels"]], dtype=torch.int64)
         crowd = torch.as_tensor(target["iscrowd"], dtype=torch.int64).reshape(-1)
         out = {"boxes": boxes.as_subclass(Tensor).float(), "labels": labels, "image_id": torch.tensor(image_id)}
-        for key in self.extra_keys:
-            out[key] = torch.tensor([int(a.get(key, -1)) for a in anns], dtype=torch.int64)
+        if self.extra_keys:  # the annotations in the wrapper's order; looked up only when extras are asked for
+            anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
+            for key in self.extra_keys:
+                out[key] = torch.tensor([int(a.get(key, -1)) for a in anns], dtype=torch.int64)
         if self.train:  # crowd regions are not objects to learn; COCO evaluation ignores them instead
             keep = crowd == 0
             out = {k: v[keep] if v.dim() and len(v) == len(crowd) else v for k, v in out.items()}
