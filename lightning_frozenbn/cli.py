@@ -19,7 +19,7 @@ from lightning_frozenbn.coco import CocoDetectionDataModule, CocoResultsWriter
 from lightning_frozenbn.data import DataError, ImageFolderDataModule, PredictionWriter
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, GuardConfigError
-from lightning_frozenbn.module import FrozenBNClassifier
+from lightning_frozenbn.module import FrozenBNClassifier, check_checkpoint_kind, saved_model_class
 
 __all__ = ["DetectionCLI", "FrozenBNCLI", "detect_main", "main"]
 
@@ -90,14 +90,7 @@ class FrozenBNCLI(LightningCLI):
         # into a classifier run. A truncated or unsafe file must fail with our explanation, not a traceback.
         config = self.config.get(str(self.config.get("subcommand")), {})
         self._saved = saved = _checkpoint_extras(config.get("ckpt_path"))  # read once; reused before instantiation
-        model_class = self.model_class
-        if saved["class_path"] and not _is_subclass(saved["class_path"], model_class):
-            other = "lightning-frozenbn" if issubclass(model_class, FrozenBNDetector) else "lightning-frozenbn-detect"
-            raise CheckpointError(
-                f"{config.get('ckpt_path')} is a checkpoint of {saved['class_path'].rsplit('.', 1)[-1]}, not of "
-                f"{model_class.__name__}: this command cannot resume or evaluate it. Use `{other}` for it, or, to "
-                "start from its backbone and head, pass it as `model.init_args.weights` instead of --ckpt_path."
-            )
+        check_checkpoint_kind(saved["class_path"], self.model_class, str(config.get("ckpt_path")))
         try:
             super()._parse_ckpt_path()
         except Exception:
@@ -210,27 +203,8 @@ def _checkpoint_extras(path: str | Path | None) -> dict[str, Any]:
     names, weights = checkpoint.get("class_names"), checkpoint.get("initial_weights")
     extras["class_names"] = list(names) if isinstance(names, (list, tuple)) else None
     extras["initial_weights"] = weights if isinstance(weights, str) else None
-    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
-    if not isinstance(class_path, str):  # saved outside LightningCLI: tell the two apart by their layers
-        keys = checkpoint.get("state_dict") or {}
-        if any(k.startswith("roi_heads.") for k in keys):
-            class_path = f"{FrozenBNDetector.__module__}.{FrozenBNDetector.__name__}"
-        elif "classifier.weight" in keys:
-            class_path = f"{FrozenBNClassifier.__module__}.{FrozenBNClassifier.__name__}"
-    extras["class_path"] = class_path if isinstance(class_path, str) else None
+    extras["class_path"] = saved_model_class(checkpoint)
     return extras
-
-
-def _is_subclass(class_path: str, base: type) -> bool:
-    """Whether the class a checkpoint names is ``base`` or a subclass; an unimportable one is given the benefit."""
-    import importlib
-
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return True  # a research subclass not importable here: Lightning's own error will name it
-    return isinstance(cls, type) and issubclass(cls, base)
 
 
 def _default_loggers(root: str) -> list[Logger]:

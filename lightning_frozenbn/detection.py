@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -17,7 +17,6 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from lightning_frozenbn.backbone import Norm
-from lightning_frozenbn.checkpoint import CheckpointError
 from lightning_frozenbn.data import IMAGENET_MEAN, IMAGENET_STD
 from lightning_frozenbn.module import FrozenBNModule, default_optimizer
 
@@ -75,6 +74,9 @@ class FrozenBNDetector(FrozenBNModule):
         image_mean, image_std: normalisation of 0..1 images, that of the pretrained weights.
         map_backend: the COCO evaluation backend of torchmetrics' MeanAveragePrecision.
     """
+
+    #: the console command for this kind of model (named when a checkpoint of the other kind is given)
+    command: ClassVar[str] = "lightning-frozenbn-detect"
 
     def __init__(
         self,
@@ -337,14 +339,3 @@ class FrozenBNDetector(FrozenBNModule):
                 item["image_id"] = int(targets[i]["image_id"])
             out.append(item)
         return out
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a classifier checkpoint with the way to use it instead; say what a run resumes from."""
-        state = checkpoint.get("state_dict", {})
-        if "classifier.weight" in state and not any(k.startswith("roi_heads.") for k in state):
-            raise CheckpointError(
-                "This checkpoint is a FrozenBNClassifier's (it has `classifier.*`, no detection heads): the "
-                "detector cannot resume or evaluate from it. To start a detector from its backbone and head, "
-                "pass the file as `model.init_args.weights` instead of `--ckpt_path`."
-            )
-        super().on_load_checkpoint(checkpoint)

@@ -6,7 +6,7 @@ import copy
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -21,6 +21,58 @@ from lightning_frozenbn.backbone import Norm, build_resnet
 from lightning_frozenbn.norm import calibrate_bn, fold_frozen_batchnorm, to_batchnorm
 
 __all__ = ["FrozenBNClassifier", "FrozenBNModule", "default_optimizer"]
+
+
+# a checkpoint saved outside LightningCLI names no class: its layers tell the two kinds apart
+_CLASS_BY_LAYERS = (
+    ("roi_heads.", "lightning_frozenbn.detection.FrozenBNDetector"),
+    ("classifier.weight", "lightning_frozenbn.module.FrozenBNClassifier"),
+)
+
+
+def saved_model_class(checkpoint: dict[str, Any]) -> str | None:
+    """The class path of the LightningModule that saved ``checkpoint``, or None when it cannot be told.
+
+    LightningCLI records it in the hyperparameters (``_class_path``); a checkpoint saved by a plain
+    Trainer is recognised by its layers (detection heads or a classifier).
+    """
+    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if isinstance(class_path, str):
+        return class_path
+    keys = checkpoint.get("state_dict") or {}
+    return next((path for prefix, path in _CLASS_BY_LAYERS if any(k.startswith(prefix) for k in keys)), None)
+
+
+def check_checkpoint_kind(saved: str | None, model_class: type, source: str) -> None:
+    """Refuse a checkpoint of the other kind of model (a classifier's given to the detector, or back).
+
+    Why here and not at the state dict: Lightning would report two hundred missing and unexpected keys,
+    and the CLI would even switch the model to the class the checkpoint names. Unimportable classes
+    (a research subclass not installed here) pass: Lightning's own error names them.
+
+    Raises:
+        CheckpointError: naming the file, both classes, the command for it and the ``weights`` route.
+    """
+    import importlib
+
+    family = next((c for c in model_class.__mro__ if "command" in vars(c)), None)
+    if saved is None or family is None:
+        return
+    module, _, name = saved.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return
+    if not isinstance(cls, type) or issubclass(cls, family):
+        return
+    from lightning_frozenbn.checkpoint import CheckpointError
+
+    command = getattr(cls, "command", None)
+    use = f"Use `{command}` for it, or, to" if command else "To"
+    raise CheckpointError(
+        f"{source} is a checkpoint of {name}, not of {family.__name__}: this cannot resume or evaluate it. {use} "
+        "start from its backbone and head, pass it as `model.init_args.weights` instead of --ckpt_path."
+    )
 
 
 def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
@@ -223,10 +275,14 @@ class FrozenBNModule(pl.LightningModule):
             hparams["weights"] = None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Say which file and epoch a run resumes from."""
+        """Refuse a checkpoint of the other kind of model; say which file and epoch a run resumes from."""
         try:
             trainer = self.trainer
         except RuntimeError:  # load_from_checkpoint: no trainer, nothing resumes
+            trainer = None
+        source = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "This checkpoint"
+        check_checkpoint_kind(saved_model_class(checkpoint), type(self), source)
+        if trainer is None:
             return
         if trainer.ckpt_path and trainer.state.fn == "fit":
             rank_zero_info(
@@ -304,6 +360,9 @@ class FrozenBNClassifier(FrozenBNModule):
         no_decay_norm_bias: no weight decay on biases and normalisation parameters (one-dimensional
             tensors), the fine-tuning convention of timm and detectron2.
     """
+
+    #: the console command for this kind of model (named when a checkpoint of the other kind is given)
+    command: ClassVar[str] = "lightning-frozenbn"
 
     def __init__(
         self,

@@ -14,6 +14,11 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+# 2-process DDP inside pytest: forked processes (gloo). "ddp_spawn" would start fresh interpreters that
+# import torch and Lightning again (~10 s a run on these 2 cores, 5x the training); "ddp" would re-run
+# pytest. The CLI's own launcher ("ddp", torchrun) is tested through real console processes.
+DDP_IN_PYTEST = "ddp_fork"
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_cleanup():

@@ -92,8 +92,17 @@ def predict(tmp_path, ckpt, *extra):
     return cli("predict", *args, "--prediction_writer.output", str(tmp_path / "pred.csv"), cwd=tmp_path)
 
 
+def in_process(capsys, *args):
+    """The console command's ``main`` in this process (a new process costs ~10 s of imports here)."""
+    capsys.readouterr()
+    main(list(args))
+    return capsys.readouterr().out
+
+
 @pytest.mark.slow
-def test_fit_validate_test_predict_from_one_config(tmp_path):
+def test_fit_validate_test_predict_from_one_config(tmp_path, capsys, monkeypatch):
+    """fit and the resume in their own processes (a resume starts from nothing but the files); validate,
+    test and predict through the same console ``main`` in this process."""
     weights = tmp_path / "initial.pth"  # a local weights file that later "stays on the training machine"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
     fit_args = ["--trainer.limit_train_batches", "8", "--model.init_args.calibrate_bn", "4"]
@@ -122,14 +131,19 @@ def test_fit_validate_test_predict_from_one_config(tmp_path):
     # the checkpoint holds what rebuilds the model, and the guard's reference checksums
     state = torch.load(last, weights_only=True)
     assert any(k.startswith("FrozenModuleGuard") for k in state["callbacks"])
-    val = cli("validate", *quickstart_args(tmp_path), "--ckpt_path", str(last), cwd=tmp_path)
-    assert val.returncode == 0 and "val/acc" in val.stdout, val.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    assert "val/acc" in in_process(capsys, "validate", *quickstart_args(tmp_path), "--ckpt_path", str(last))
     shutil.copytree(tmp_path / "digits" / "val", tmp_path / "digits" / "test")  # the digits set has no test split
-    test = cli("test", *quickstart_args(tmp_path), "--ckpt_path", str(last), cwd=tmp_path)
-    assert test.returncode == 0, test.stderr[-2000:]
-    assert "test/acc" in test.stdout and "test/acc_top5" in test.stdout
-    pred = predict(tmp_path, last)
-    assert pred.returncode == 0, pred.stderr[-2000:]
+    test = in_process(capsys, "test", *quickstart_args(tmp_path), "--ckpt_path", str(last))
+    assert "test/acc" in test and "test/acc_top5" in test
+    args = [
+        *quickstart_args(tmp_path),
+        "--ckpt_path",
+        str(last),
+        "--prediction_writer.output",
+        str(tmp_path / "pred.csv"),
+    ]
+    in_process(capsys, "predict", *args)
     rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
     assert len(rows) == len(list((tmp_path / "digits" / "val").rglob("*.png")))
     assert rows[0]["file"].endswith(".png") and rows[0]["predicted_class"] in {str(d) for d in range(10)}
@@ -140,7 +154,8 @@ def test_fit_validate_test_predict_from_one_config(tmp_path):
     for png in sorted((tmp_path / "digits" / "val" / "7").glob("*.png"))[:3]:
         shutil.copy(png, new / png.name)
     shutil.rmtree(tmp_path / "digits")
-    unlabelled = cli(
+    in_process(
+        capsys,
         "predict",
         *quickstart_args(tmp_path),
         "--data.class_path",
@@ -151,9 +166,7 @@ def test_fit_validate_test_predict_from_one_config(tmp_path):
         str(last),
         "--prediction_writer.output",
         str(tmp_path / "new.csv"),
-        cwd=tmp_path,
     )
-    assert unlabelled.returncode == 0, unlabelled.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "new.csv")))
     assert [r["file"] for r in rows] == [str(p) for p in sorted(new.glob("*.png"))]
     assert all(r["predicted_class"] in {str(d) for d in range(10)} for r in rows)
@@ -176,64 +189,29 @@ def test_fit_validate_test_predict_from_one_config(tmp_path):
     ],
     ids=["unknown-key", "arch-typo", "missing-data"],
 )
-def test_user_mistakes_exit_nonzero_without_traceback(tmp_path, args, match):
-    """Through the real console process, one mistake per stage (parsing, model, data); every mistake of
-    tests/test_bad_input.py (35, in-process) is checked there, at a tenth of the cost."""
-    result = cli(
-        "fit",
-        "--config",
-        str(ROOT / "configs" / "quickstart.yaml"),
-        "--trainer.default_root_dir",
-        str(tmp_path / "run"),
-        *args,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert result.returncode != 0
-    assert match in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+def test_user_mistakes_exit_nonzero_without_traceback(tmp_path, capsys, monkeypatch, args, match):
+    """One mistake per stage (parsing, model, data) through the console ``main``; the data mistake through
+    the real console process too (~10 s of imports each). Every mistake of tests/test_bad_input.py is
+    checked there, in-process."""
+    args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.default_root_dir", "run", *args]
+    if "no/such/folder" in args:
+        result = cli(*args, cwd=tmp_path, timeout=120)
+        code, err = result.returncode, result.stderr
+    else:
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        code, err = exit_info.value.code, capsys.readouterr().err
+    assert code not in (0, None)
+    assert match in err, err[-2000:]
+    assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
-def test_cli_ddp_two_processes_on_cpu(tmp_path):
-    result = cli(
-        "fit",
-        *quickstart_args(
-            tmp_path,
-            "--config",
-            str(ROOT / "configs" / "ddp.yaml"),
-            "--trainer.devices",
-            "2",
-            "--trainer.max_epochs",
-            "1",
-            "--trainer.limit_train_batches",
-            "4",
-            "--trainer.limit_val_batches",
-            "2",
-            "--model.init_args.calibrate_bn",
-            "2",
-        ),
-        cwd=tmp_path,
-    )
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-3000:]
-    assert "bit-identical at epoch 0 on all 2 ranks" in out
-    assert "bit-identical at the start of training on all 2 ranks" in out
-    # predict under DDP: each rank writes its share; together they cover every file
-    last = next((tmp_path / "run").rglob("last.ckpt"))
-    pred = predict(tmp_path, last, "--config", str(ROOT / "configs" / "ddp.yaml"), "--trainer.devices", "2")
-    assert pred.returncode == 0, (pred.stdout + pred.stderr)[-3000:]
-    files = set()
-    for rank in (0, 1):
-        rows = list(csv.DictReader(open(tmp_path / f"pred.rank{rank}.csv")))
-        assert rows and all(r["predicted_class"] in {str(d) for d in range(10)} for r in rows)
-        files |= {r["file"] for r in rows}
-    assert files == {str(p) for p in (tmp_path / "digits" / "val").rglob("*.png")}
-
-
-@pytest.mark.slow
-def test_multinode_local_script_runs_two_nodes(tmp_path):
+def test_multinode_fit_then_ddp_predict_on_cpu(tmp_path):
+    """fit: the 2-node script (two torchrun launches, gloo); predict: Lightning's own launcher, devices 2.
+    Between them both ways of starting DDP from the CLI run on real processes."""
     env = {
         **os.environ,
         "RUN_DIR": str(tmp_path / "run"),
@@ -255,6 +233,17 @@ def test_multinode_local_script_runs_two_nodes(tmp_path):
     assert all("Traceback" not in text for text in logs.values())
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs["node0.log"]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs["node1.log"]  # node 1's process joined as the second rank
+    assert "bit-identical at the start of training on all 2 ranks" in logs["node0.log"]
+    # predict under DDP: each rank writes its share; together they cover every file
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    pred = predict(tmp_path, last, "--config", str(ROOT / "configs" / "ddp.yaml"), "--trainer.devices", "2")
+    assert pred.returncode == 0, (pred.stdout + pred.stderr)[-3000:]
+    files = set()
+    for rank in (0, 1):
+        rows = list(csv.DictReader(open(tmp_path / f"pred.rank{rank}.csv")))
+        assert rows and all(r["predicted_class"] in {str(d) for d in range(10)} for r in rows)
+        files |= {r["file"] for r in rows}
+    assert files == {str(p) for p in (tmp_path / "digits" / "val").rglob("*.png")}
 
 
 def test_user_trainer_callbacks_are_kept_beside_the_guard(tmp_path):

@@ -277,19 +277,34 @@ def test_detect_kill_9_then_resume_last_keeps_frozen_tensors_and_the_guard_count
     assert guard["epochs_verified"] == 3
 
 
-@pytest.mark.slow
-def test_a_classifier_checkpoint_given_to_the_detector_is_refused_with_the_fix(tmp_path):
+def test_a_checkpoint_of_the_other_kind_is_refused_with_the_fix(tmp_path, capsys, monkeypatch):
     from lightning_frozenbn import FrozenBNClassifier
+    from lightning_frozenbn.checkpoint import CheckpointError
+    from lightning_frozenbn.cli import detect_main
 
     trainer = quiet_trainer(tmp_path, max_steps=1, enable_checkpointing=False)
     model = FrozenBNClassifier(num_classes=10, arch="resnet18")
     trainer.fit(model, torch.utils.data.DataLoader([(torch.randn(3, 32, 32), 1)] * 2, batch_size=2))
     ckpt = tmp_path / "classifier.ckpt"
-    trainer.save_checkpoint(ckpt)
-    result = detect("validate", *tiny_args(tmp_path), "--ckpt_path", str(ckpt), cwd=tmp_path)
-    assert result.returncode == 2
-    assert "checkpoint of FrozenBNClassifier, not of FrozenBNDetector" in result.stderr
-    assert "model.init_args.weights" in result.stderr and "Traceback" not in result.stderr
-    # and as weights it is what starts a detector: its backbone and head load
-    det = FrozenBNDetector(10, weights=str(ckpt), **SMALL)
+    trainer.save_checkpoint(ckpt)  # a plain Trainer's: no class path recorded, told by its layers
+    # the detect command (what the user types), in this process
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        detect_main(["validate", *tiny_args(tmp_path), "--ckpt_path", str(ckpt)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    assert "checkpoint of FrozenBNClassifier, not of FrozenBNDetector" in err and "`lightning-frozenbn` for it" in err
+    assert "model.init_args.weights" in err and "Traceback" not in err
+    # the module's own hook says the same to a plain Trainer, and the classifier refuses a detector's
+    with pytest.raises(CheckpointError, match="checkpoint of FrozenBNClassifier, not of FrozenBNDetector"):
+        FrozenBNDetector.load_from_checkpoint(ckpt, num_classes=10, **SMALL)
+    det = FrozenBNDetector(10, weights=str(ckpt), **SMALL)  # as weights it starts a detector: backbone+head load
     torch.testing.assert_close(det.backbone.layer2[0].conv1.weight, model.backbone.layer2[0].conv1.weight)
+    import lightning
+
+    saved = {"state_dict": det.state_dict(), "hyper_parameters": {"num_classes": 10}}
+    torch.save({**saved, "pytorch-lightning_version": lightning.__version__}, tmp_path / "det.ckpt")
+    with pytest.raises(
+        CheckpointError, match="checkpoint of FrozenBNDetector, not of FrozenBNClassifier.*`lightning-frozenbn-detect`"
+    ):
+        FrozenBNClassifier.load_from_checkpoint(tmp_path / "det.ckpt")

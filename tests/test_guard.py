@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_trainer, randomize_bn, tiny_loader
+from conftest import DDP_IN_PYTEST, quiet_trainer, randomize_bn, tiny_loader
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, ModelCheckpoint
 from torch import nn
@@ -264,7 +264,7 @@ class RankStartsDifferent(Callback):
 
 
 def _guard_state(ckpt):
-    state = torch.load(Path(ckpt.dirpath) / "last.ckpt", weights_only=True)  # ddp_spawn: rank 0 wrote it
+    state = torch.load(Path(ckpt.dirpath) / "last.ckpt", weights_only=True)  # rank 0 wrote it
     return next(v for k, v in state["callbacks"].items() if k.startswith("FrozenModuleGuard"))
 
 
@@ -273,13 +273,15 @@ def _guard_state(ckpt):
 def test_ddp_two_processes_guard_passes_catches_restores_and_warns(tmp_path):
     def ddp(callbacks, **kwargs):
         ckpt = ModelCheckpoint(dirpath=tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}", save_last=True)
-        t = trainer(tmp_path, [*callbacks, ckpt], strategy="ddp_spawn", devices=2, enable_checkpointing=True, **kwargs)
+        t = trainer(
+            tmp_path, [*callbacks, ckpt], strategy=DDP_IN_PYTEST, devices=2, enable_checkpointing=True, **kwargs
+        )
         t.fit(FrozenBNClassifier(num_classes=4, arch="resnet18"), tiny_loader())
         return ckpt
 
     # clean run: both epochs verified on both ranks (rank 0's guard state, written into the checkpoint)
     assert _guard_state(ddp([FrozenModuleGuard()]))["epochs_verified"] == 2
-    # ddp_spawn re-raises the first failing rank's error; that every rank stopped shows as no hang
+    # the launcher re-raises the first failing rank's error; that every rank stopped shows as no hang
     with pytest.raises(
         (FrozenStateViolation, ProcessRaisedException),
         match=r"rank 1: backbone.layer1.0.bn1.running_mean: 64 of 64 elements changed(.|\n)*rank 1 holds a different frozen state than rank 0",
@@ -750,7 +752,7 @@ def test_ddp_basefinetuning_release_agrees_on_all_ranks(tmp_path):
     trainer(
         tmp_path,
         [FrozenModuleGuard(), BackboneFinetuning(unfreeze_backbone_at_epoch=1), ckpt],
-        strategy="ddp_spawn",
+        strategy=DDP_IN_PYTEST,
         devices=2,
         enable_checkpointing=True,
     ).fit(FinetuneNet(), tiny_loader(n=32, batch_size=4))

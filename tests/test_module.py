@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torchvision
-from conftest import quiet_trainer, randomize_bn, requires_gpu, tiny_loader
+from conftest import DDP_IN_PYTEST, quiet_trainer, randomize_bn, requires_gpu, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -208,7 +208,7 @@ def test_calibration_under_ddp_uses_different_batches_per_rank_and_sums_them(tmp
     reference = copy.deepcopy(model)
     batches = [batch[0] for batch in OrderedData().train_dataloader()][:4]
     calibrate_bn(reference, iter(batches), num_batches=4)
-    t = trainer(tmp_path, strategy="ddp_spawn", devices=2, max_steps=1)
+    t = trainer(tmp_path, strategy=DDP_IN_PYTEST, devices=2, max_steps=1)
     t.fit(model, datamodule=OrderedData())
     ours, theirs = model.state_dict(), reference.state_dict()
     stats = [k for k in ours if k.endswith(("running_mean", "running_var"))]

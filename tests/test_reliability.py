@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import quiet_trainer, randomize_bn, tiny_loader
+from conftest import DDP_IN_PYTEST, quiet_trainer, randomize_bn, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.multiprocessing import ProcessRaisedException
 
@@ -132,7 +132,7 @@ class NaNOnRank1(FrozenBNClassifier):
 
 
 def test_ddp_nan_on_one_rank_stops_every_rank(tmp_path):
-    trainer = quiet_trainer(tmp_path, devices=2, strategy="ddp_spawn")
+    trainer = quiet_trainer(tmp_path, devices=2, strategy=DDP_IN_PYTEST)
     started = time.time()
     with pytest.raises((FloatingPointError, ProcessRaisedException), match=r"not finite at global step 2"):
         trainer.fit(NaNOnRank1(num_classes=4, arch="resnet18"), tiny_loader(n=64, batch_size=4))
