@@ -27,6 +27,39 @@ MAP_BACKENDS = ("pycocotools", "faster_coco_eval")
 _MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 
 
+class _OncePerImageMAP(MeanAveragePrecision):
+    """MeanAveragePrecision that counts each image once, by the ``image_id`` the data gives.
+
+    Why: under DDP Lightning's DistributedSampler pads the evaluation set so every rank gets as many
+    images (torchmetrics' gather needs that too), and the padded images are repeats: without this,
+    validation mAP on 2 ranks differs from the same checkpoint's mAP on one. Images without an id
+    (-1) are all kept.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("image_ids", default=[], dist_reduce_fx=None)
+
+    def update(self, preds: list[dict[str, Tensor]], target: list[dict[str, Tensor]]) -> None:  # noqa: D102
+        super().update(preds, target)
+        for t in target:  # one tensor per image, as every state of the parent: gathered in the same order
+            self.image_ids.append(torch.as_tensor(t.get("image_id", -1), device=self.device).reshape(1))
+
+    def compute(self) -> dict[str, Tensor]:  # noqa: D102
+        seen: set[int] = set()
+        keep = []
+        for i, image_id in enumerate(int(t) for t in self.image_ids):
+            if image_id < 0 or image_id not in seen:
+                keep.append(i)
+                seen.add(image_id)
+        if len(keep) < len(self.image_ids):
+            for name in self._defaults:
+                state = getattr(self, name)
+                if isinstance(state, list) and len(state) == len(self.image_ids):
+                    setattr(self, name, [state[i] for i in keep])
+        return {**super().compute(), "images": torch.tensor(len(keep))}  # how many images the figures cover
+
+
 class FrozenBNDetector(FrozenBNModule):
     """Faster R-CNN "C4" (Detectron's R50-C4) on the frozen-BN ResNet: the detector the backbone/head split is for.
 
@@ -207,8 +240,8 @@ class FrozenBNDetector(FrozenBNModule):
         nn.init.normal_(predictor.cls_score.weight, std=0.01)
         nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
         nn.init.zeros_(predictor.cls_score.bias), nn.init.zeros_(predictor.bbox_pred.bias)
-        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
-        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
+        self.val_map = _OncePerImageMAP(box_format="xyxy", iou_type="bbox", backend=map_backend)
+        self.test_map = _OncePerImageMAP(box_format="xyxy", iou_type="bbox", backend=map_backend)
 
     # ---- the parts research code overrides -------------------------------------------------
     def forward_backbone(self, images: Tensor) -> Tensor:
@@ -303,12 +336,13 @@ class FrozenBNDetector(FrozenBNModule):
     def _eval_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], metric: MeanAveragePrecision) -> None:
         images, targets = batch
         detections = self(images)
-        truth = [{k: t[k] for k in ("boxes", "labels", "iscrowd") if k in t} for t in targets]
+        truth = [{k: t[k] for k in ("boxes", "labels", "iscrowd", "image_id") if k in t} for t in targets]
         metric.update([{k: d[k].float() if k != "labels" else d[k] for k in d} for d in detections], truth)
 
     def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
         result = metric.compute()  # already reduced over ranks by torchmetrics
         self.log_dict({f"{stage}/{k}": result[k].float() for k in _MAP_KEYS if k != "map_50"})
+        self.log(f"{stage}/images", result["images"].float())  # distinct images evaluated (DDP repeats dropped)
         self.log(f"{stage}/map_50", result["map_50"].float(), prog_bar=True)
         metric.reset()
 
@@ -317,7 +351,7 @@ class FrozenBNDetector(FrozenBNModule):
         self._eval_step(batch, self.val_map)
 
     def on_validation_epoch_end(self) -> None:
-        """Log ``val/map`` (0.5:0.95), ``val/map_50``, ``val/map_75``, by object size, and recalls."""
+        """Log ``val/map`` (0.5:0.95), ``val/map_50``, ``val/map_75``, by object size, recalls and ``val/images``."""
         self._log_map("val", self.val_map)
 
     def test_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], batch_idx: int) -> None:

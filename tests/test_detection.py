@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import csv
 import io
 import json
 import signal
@@ -21,6 +22,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
 from lightning_frozenbn import FrozenBNDetector, FrozenModuleGuard, find_frozen_modules, fold_frozen_batchnorm
+from lightning_frozenbn.cli import DetectionCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(
@@ -172,6 +174,43 @@ def test_reid_subclass_trains_its_embedding_and_the_guard_watches_the_frozen_par
     assert guard._epochs_verified == 1  # it compared every frozen tensor at the epoch's end
 
 
+def test_map_counts_each_image_once_when_ddp_padding_repeats_it():
+    """DistributedSampler pads evaluation with repeats of the first images; the detector's mAP drops them."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    from lightning_frozenbn.detection import _OncePerImageMAP
+
+    def image(i, boxes, scores):
+        gt = {"boxes": torch.tensor([[10.0, 10, 30, 30]]), "labels": torch.tensor([1]), "image_id": torch.tensor(i)}
+        return {
+            "boxes": torch.tensor(boxes),
+            "scores": torch.tensor(scores),
+            "labels": torch.ones(len(scores), dtype=torch.long),
+        }, gt
+
+    images = [
+        image(1, [[10.0, 10, 30, 30]], [0.6]),  # found, low score
+        image(2, [[50.0, 50, 60, 60], [10, 10, 30, 30]], [0.9, 0.7]),  # a confident false positive, then found
+        image(3, [[40.0, 40, 45, 45]], [0.8]),  # missed
+    ]
+    padded = images + images[:1]  # what rank 1 gets when 4 slots hold 3 images
+    results = {}
+    for name, metric_class, data in [
+        ("ours", _OncePerImageMAP, padded),
+        ("plain", MeanAveragePrecision, padded),
+        ("truth", MeanAveragePrecision, images),
+    ]:
+        metric = metric_class(box_format="xyxy", iou_type="bbox")
+        for pred, gt in data:
+            metric.update([pred], [{k: v for k, v in gt.items() if name == "ours" or k != "image_id"}])
+        results[name] = float(metric.compute()["map_50"])
+    assert results["ours"] == results["truth"] != results["plain"], results
+    metric = _OncePerImageMAP(box_format="xyxy", iou_type="bbox")
+    for pred, gt in padded:
+        metric.update([pred], [gt])
+    assert int(metric.compute()["images"]) == 3
+
+
 # ---- the `lightning-frozenbn-detect` command, real processes ---------------------------------------------
 DETECT = Path(sys.executable).parent / "lightning-frozenbn-detect"
 
@@ -218,6 +257,7 @@ def test_detect_ddp_two_processes_fit_then_predict_one_coco_results_file(tmp_pat
         str(ROOT / "configs" / "ddp.yaml"),
         "--trainer.devices=2",
         "--model.init_args.box_score_thresh=0.0",
+        "--data.init_args.num_val=5",  # odd: the sampler pads rank 1 with a repeat of the first image
     ]
     fit = detect("fit", *tiny_args(tmp_path, "run", *ddp, "--trainer.max_epochs=1"), cwd=tmp_path)
     out = fit.stdout + fit.stderr
@@ -226,6 +266,13 @@ def test_detect_ddp_two_processes_fit_then_predict_one_coco_results_file(tmp_pat
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     metrics = next((tmp_path / "run").rglob("metrics.csv")).read_text()
     assert "val/map_50" in metrics and "train/loss_objectness" in metrics and "val/map_small" in metrics
+    # the 2-rank validation mAP is the mAP of the same checkpoint on the 5 images in one process
+    ddp_map = [r for r in csv.DictReader(io.StringIO(metrics)) if r.get("val/map")][-1]
+    single = DetectionCLI(args=tiny_args(tmp_path, "single", *ddp[3:]), run=False)
+    one = single.trainer.validate(single.model, datamodule=single.datamodule, ckpt_path=str(last), verbose=False)[0]
+    assert float(ddp_map["val/images"]) == one["val/images"] == 5  # the repeat rank 1 evaluated is not counted
+    for key in ("val/map", "val/map_50", "val/mar_100"):
+        assert float(ddp_map[key]) == pytest.approx(one[key], abs=1e-6), (key, ddp_map[key], one[key])
     results = tmp_path / "detections.json"
     args = tiny_args(tmp_path, "run", *ddp)
     pred = detect("predict", *args, "--ckpt_path", str(last), "--prediction_writer.output", str(results), cwd=tmp_path)
