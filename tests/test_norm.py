@@ -238,6 +238,35 @@ def test_fold_single_pair_is_exact_in_float64(conv_bias, trainable, size):
         torch.testing.assert_close(folded(x), ref(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("conv_bias", [False, True])
+@pytest.mark.parametrize("hw", [(2, 2), (1, 2), (2, 1), (1, 1)])
+def test_fold_on_maps_of_at_most_2x2_is_one_matrix_product_and_exact(hw, conv_bias):
+    """A C4 detector's layer4 on small RoIs (2x2 maps): the folded 3x3 conv runs as one matrix product on
+    CPU (oneDNN's backward is 4x slower than its forward there); values and gradients equal conv -> BN."""
+    torch.manual_seed(0)
+    ref = randomize_bn(nn.Sequential(nn.Conv2d(6, 5, 3, padding=1, bias=conv_bias), FrozenBatchNorm2d(5))).double()
+    nn.init.normal_(ref[0].weight)  # every tap different: a flipped or shifted kernel cannot pass
+    folded = fold_frozen_batchnorm(copy.deepcopy(ref))
+    x = torch.randn(3, 6, *hw, dtype=torch.float64, requires_grad=True)
+    calls = []
+    handle = torch.nn.modules.conv.F.conv2d
+    try:  # the matrix-product path is the one taken: no convolution runs
+        torch.nn.modules.conv.F.conv2d = lambda *a, **k: calls.append(1) or handle(*a, **k)
+        out_fold = folded(x)
+    finally:
+        torch.nn.modules.conv.F.conv2d = handle
+    assert not calls
+    out_ref = ref(x)
+    torch.testing.assert_close(out_fold, out_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad(out_ref, [x, *ref.parameters()], g)
+    grads_fold = torch.autograd.grad(out_fold, [x, *folded.parameters()], g)
+    for a, b in zip(grads_fold, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
 def test_calibrate_bn_computes_population_statistics():
     conv = nn.Conv2d(3, 6, 3, bias=False)
     model = nn.Sequential(conv, FrozenBatchNorm2d(6), nn.ReLU())
