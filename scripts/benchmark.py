@@ -497,6 +497,7 @@ def detection_variants(args):
         arch=args.arch,
         box_batch_size_per_image=args.det_regions,
         rpn_post_nms_top_n_train=max(args.det_regions * 2, 256),
+        roi_output_size=args.det_roi,
         **common,
     )
     torch.manual_seed(0)
@@ -824,6 +825,12 @@ def main(argv=None):
     parser.add_argument("--det-size", type=int, help="detection: shorter image side (GPU default 800, as COCO)")
     parser.add_argument("--det-batch", type=int, help="detection: images per step")
     parser.add_argument("--det-regions", type=int, help="detection: regions per image through the box head")
+    parser.add_argument(
+        "--det-roi",
+        type=int,
+        default=14,
+        help="detection: RoIAlign side of ours (14: Detectron; the CPU quickstart's 4)",
+    )
     parser.add_argument("--det-steps", type=int, help="detection: timed steps per variant per round")
     parser.add_argument("--det-classes", type=int, default=80, help="detection: object classes")
     parser.add_argument("--precisions", default="fp32,bf16")
@@ -1008,7 +1015,7 @@ def main(argv=None):
         result["detection"] = rows = detection_section(args, device)
         print(
             f"\n## Faster R-CNN training step: {args.arch} C4, batch {args.det_batch}, {args.det_size} px, "
-            f"{args.det_regions} regions/image; ours_*_over_this < 1: ours is faster / saves less"
+            f"{args.det_regions} regions/image, RoIAlign {args.det_roi}; ours_*_over_this < 1: ours is faster / saves less"
         )
         print(
             fmt_table(
