@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
-from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
 from lightning_frozenbn.data import EpochShuffleSampler, publish_complete
@@ -110,20 +110,38 @@ def _read_annotations(path: Path, images: Path, split: str) -> dict[str, Any]:
     return data
 
 
+class _ParsedCocoDetection(CocoDetection):
+    """torchvision's ``CocoDetection`` over annotations parsed (and checked) already: the JSON is read once.
+
+    ``CocoDetection.__init__`` would read and parse the file again (train2017's 450 MB take ~20 s and
+    their size in memory once more); the rest of the class, and ``wrap_dataset_for_transforms_v2``, is
+    torchvision's.
+    """
+
+    def __init__(self, root: Path, annotations: dict[str, Any]) -> None:
+        VisionDataset.__init__(self, str(root))
+        from pycocotools.coco import COCO
+
+        self.coco = COCO()
+        self.coco.dataset = annotations
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+            self.coco.createIndex()
+        self.ids = sorted(self.coco.imgs.keys())
+
+
 class _CocoSplit(Dataset):
     """One split: ``(uint8 image, target)`` with contiguous labels, crowd boxes dropped or flagged, extras kept."""
 
     def __init__(
         self,
         images: Path,
-        annotations: Path,
+        annotations: dict[str, Any],
         label_of: dict[int, int],
         train: bool,
         hflip: bool,
         extra_keys: list[str],
     ) -> None:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "loading annotations..."
-            coco = CocoDetection(str(images), str(annotations))
+        coco = _ParsedCocoDetection(images, annotations)
         self.coco = coco.coco
         self.ids = coco.ids
         self.dataset = wrap_dataset_for_transforms_v2(coco, target_keys={"boxes", "labels", "image_id", "iscrowd"})
@@ -272,10 +290,8 @@ class CocoDetectionDataModule(pl.LightningDataModule):
                         f"The {split} categories {theirs} differ from the training categories {ours} "
                         f"({str(self.paths[split][1])!r}). Export both splits with the same label set."
                     )
-            images, annotations = self.paths[split]
-            self._datasets[split] = _CocoSplit(
-                images, annotations, label_of, split == "train", self.hflip, self.extra_keys
-            )
+            images = self.paths[split][0]
+            self._datasets[split] = _CocoSplit(images, data, label_of, split == "train", self.hflip, self.extra_keys)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self._datasets[split]

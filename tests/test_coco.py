@@ -61,8 +61,14 @@ def module(tmp_path, **kwargs):
     return CocoDetectionDataModule(*train, *val, num_workers=0, hflip=False, **kwargs)
 
 
-def test_labels_names_crowd_empty_images_clipping_and_extra_keys(tmp_path):
+def test_labels_names_crowd_empty_images_clipping_and_extra_keys(tmp_path, monkeypatch):
     dm = module(tmp_path, extra_keys=["identity"])
+    import pycocotools.coco
+
+    def read_again(*args, **kwargs):
+        raise AssertionError("pycocotools read an annotation file the data module had parsed already")
+
+    monkeypatch.setattr(pycocotools.coco.json, "load", read_again)  # each JSON is parsed once, by our checker
     assert dm.num_classes == 3 and dm.classes == ["car", "train", "kite"] and dm.category_ids == [3, 7, 11]
     with pytest.warns(UserWarning, match=r"1 box\(es\) .* clipped .*annotation ids 3"):
         dm.setup("fit")
