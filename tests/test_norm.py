@@ -244,7 +244,8 @@ def test_fold_on_maps_of_at_most_2x2_is_one_matrix_product_and_exact(hw, conv_bi
     """A C4 detector's layer4 on small RoIs (2x2 maps): the folded 3x3 conv runs as one matrix product on
     CPU (oneDNN's backward is 4x slower than its forward there); values and gradients equal conv -> BN."""
     torch.manual_seed(0)
-    ref = randomize_bn(nn.Sequential(nn.Conv2d(6, 5, 3, padding=1, bias=conv_bias), FrozenBatchNorm2d(5))).double()
+    conv_bn = nn.Sequential(nn.Conv2d(6, 5, 3, padding=1, bias=conv_bias), FrozenBatchNorm2d(5), nn.ReLU(inplace=True))
+    ref = randomize_bn(conv_bn).double()  # the in-place ReLU writes into the product's output, as in ResNet
     nn.init.normal_(ref[0].weight)  # every tap different: a flipped or shifted kernel cannot pass
     folded = fold_frozen_batchnorm(copy.deepcopy(ref))
     x = torch.randn(3, 6, *hw, dtype=torch.float64, requires_grad=True)
