@@ -13,6 +13,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from typing_extensions import override
 
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "ResumableCheckpoint"]
@@ -110,8 +111,20 @@ class ResumableCheckpoint(ModelCheckpoint):
     Why: since Lightning 2.6 ``save_last=True`` writes ``last.ckpt`` only when a top-k checkpoint
     was written in the same step, so after an epoch that did not improve ``val/acc``, ``last.ckpt``
     is an older epoch and a killed run resumes further back than it should. Every other behaviour
-    (best-k by the monitored metric, file names) is ModelCheckpoint's.
+    (best-k by the monitored metric, file names) is ModelCheckpoint's. Its state also records the
+    CSV logger version of the run, so that a resumed run appends to the same ``metrics.csv``.
     """
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        self._csv_version = csv.version if csv is not None else None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """ModelCheckpoint's state, and the CSV logger version the run writes (a resume continues it)."""
+        return {**super().state_dict(), "csv_version": getattr(self, "_csv_version", None)}
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

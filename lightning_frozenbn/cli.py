@@ -19,6 +19,7 @@ from lightning_frozenbn.coco import CocoDetectionDataModule, CocoResultsWriter
 from lightning_frozenbn.data import DataError, ImageFolderDataModule, PredictionWriter
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, GuardConfigError
+from lightning_frozenbn.loggers import ResumedCSVLogger
 from lightning_frozenbn.module import FrozenBNClassifier, check_checkpoint_kind, saved_model_class
 
 __all__ = ["DetectionCLI", "FrozenBNCLI", "detect_main", "main"]
@@ -89,7 +90,13 @@ class FrozenBNCLI(LightningCLI):
         # model to the class the checkpoint names: a classifier checkpoint would turn the detector command
         # into a classifier run. A truncated or unsafe file must fail with our explanation, not a traceback.
         config = self.config.get(str(self.config.get("subcommand")), {})
-        self._saved = saved = _checkpoint_extras(config.get("ckpt_path"))  # read once; reused before instantiation
+        path = config.get("ckpt_path")
+        if path == "last":  # Lightning resolves it later; it is where ResumableCheckpoint writes it
+            folder = (config.get("checkpoint") or {}).get("dirpath")
+            root = (config.get("trainer") or {}).get("default_root_dir") or "."
+            path = Path(folder or Path(root).expanduser() / "checkpoints") / "last.ckpt"
+        self._saved = saved = _checkpoint_extras(path)  # read once; reused before instantiation
+        self._saved_in = Path(path).expanduser().resolve().parent if path else None
         check_checkpoint_kind(saved["class_path"], self.model_class, str(config.get("ckpt_path")))
         try:
             super()._parse_ckpt_path()
@@ -146,21 +153,35 @@ class FrozenBNCLI(LightningCLI):
         """Add the guard and the default loggers (CSV always, TensorBoard when installed)."""
         guard = self._get(self.config_init, "guard")
         config = self._get(self.config_init, "trainer", default={})
-        if config.get("logger") in (None, True):
-            root = config.get("default_root_dir") or "."
-            kwargs["logger"] = _default_loggers(root)
-        if config.get("plugins") is None:
-            kwargs["plugins"] = [AtomicCheckpointIO()]
         checkpoint = self._get(self.config_init, "checkpoint")
         if checkpoint is not None and checkpoint.dirpath is None:
             # One checkpoint folder per run directory, not per logger version: `--ckpt_path last`
             # then finds the previous run's last.ckpt (Lightning resolves "last" before setup).
             root = config.get("default_root_dir") or "."
             checkpoint.dirpath = os.path.realpath(os.path.join(os.path.expanduser(str(root)), "checkpoints"))
+        if config.get("logger") in (None, True):
+            root = config.get("default_root_dir") or "."
+            kwargs["logger"] = _default_loggers(root, self._resumed_csv(root))
+        if config.get("plugins") is None:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
         if guard is not None:
             trainer.callbacks.insert(0, guard)
         return trainer
+
+    def _resumed_csv(self, root: str) -> tuple[int | str, int, int] | None:
+        """(version, epoch, global step) of the CSV metrics a resumed fit continues, if they are here."""
+        saved = getattr(self, "_saved", None) or {}
+        if self.subcommand != "fit" or saved.get("csv_version") is None or saved.get("global_step") is None:
+            return None
+        checkpoints = self._get(self.config_init, "checkpoint")
+        folder = (
+            Path(os.path.realpath(checkpoints.dirpath)) if checkpoints is not None and checkpoints.dirpath else None
+        )
+        here = Path(CSVLogger(root, name="csv", version=saved["csv_version"]).log_dir)
+        if folder is None or getattr(self, "_saved_in", None) != folder or not here.is_dir():
+            return None  # a checkpoint of another run directory or machine: its metrics are not here
+        return saved["csv_version"], int(saved.get("epoch") or 0), int(saved["global_step"])
 
     def after_fit(self) -> None:
         """Say where the checkpoints and metrics went."""
@@ -193,7 +214,14 @@ def _checkpoint_extras(path: str | Path | None) -> dict[str, Any]:
     """
     import torch
 
-    extras: dict[str, Any] = {"class_names": None, "initial_weights": None, "class_path": None}
+    extras: dict[str, Any] = {
+        "class_names": None,
+        "initial_weights": None,
+        "class_path": None,
+        "csv_version": None,
+        "epoch": None,
+        "global_step": None,
+    }
     if not path or not Path(path).is_file():
         return extras
     try:
@@ -204,15 +232,26 @@ def _checkpoint_extras(path: str | Path | None) -> dict[str, Any]:
     extras["class_names"] = list(names) if isinstance(names, (list, tuple)) else None
     extras["initial_weights"] = weights if isinstance(weights, str) else None
     extras["class_path"] = saved_model_class(checkpoint)
+    for key in ("epoch", "global_step"):
+        extras[key] = checkpoint.get(key) if isinstance(checkpoint.get(key), int) else None
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if str(key).startswith("ResumableCheckpoint") and isinstance(state, dict):
+            version = state.get("csv_version")
+            extras["csv_version"] = version if isinstance(version, (int, str)) else None
     return extras
 
 
-def _default_loggers(root: str) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(root, name="csv")]
+def _default_loggers(root: str, resumed: tuple[int | str, int, int] | None = None) -> list[Logger]:
+    """CSV always, TensorBoard when installed; a resumed fit continues the version it resumes."""
+    if resumed is not None:
+        version, epoch, step = resumed
+        loggers: list[Logger] = [ResumedCSVLogger(root, "csv", version, epoch, step)]
+    else:
+        version, loggers = None, [CSVLogger(root, name="csv")]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        loggers.append(TensorBoardLogger(root, name="tensorboard"))
+        loggers.append(TensorBoardLogger(root, name="tensorboard", version=version))
         loggers[-1].experiment  # noqa: B018  (fails here, not mid-fit, when tensorboard is missing)
     except (ImportError, ModuleNotFoundError):
         loggers = loggers[:1]

@@ -123,6 +123,10 @@ def test_fit_validate_test_predict_from_one_config(tmp_path, capsys, monkeypatch
         "fit", *quickstart_args(tmp_path, "--trainer.max_epochs", "2", *fit_args), "--ckpt_path", "last", cwd=tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # ... and appends to that run's metrics: one metrics.csv holding both epochs, no second version
+    files = sorted((tmp_path / "run" / "csv").rglob("metrics.csv"))
+    assert [f.parent.name for f in files] == ["version_0"]
+    assert [int(float(r["epoch"])) for r in csv.DictReader(open(files[0])) if r.get("val/acc")] == [0, 1]
     assert f"Resuming from {last} (saved at epoch 0" in resumed.stderr + resumed.stdout
     assert torch.load(last, weights_only=True)["epoch"] == 1
     metrics = next((tmp_path / "run").rglob("metrics.csv"))

@@ -123,6 +123,11 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     for key, value in final_a["state_dict"].items():
         assert torch.equal(value, final_b["state_dict"][key]), key
     assert last_val_acc(tmp_path / "A") == last_val_acc(tmp_path / "B")
+    # one metrics.csv for B that reads like A's: the rows B logged after its checkpoint, before the kill, are
+    # gone, and the resumed run appended to the same version
+    metrics = {run: sorted((tmp_path / run).rglob("metrics.csv")) for run in "AB"}
+    assert len(metrics["A"]) == len(metrics["B"]) == 1
+    assert list(csv.DictReader(open(metrics["B"][0]))) == list(csv.DictReader(open(metrics["A"][0])))
 
 
 class NaNOnRank1(FrozenBNClassifier):
