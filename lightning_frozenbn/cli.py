@@ -93,10 +93,9 @@ class FrozenBNCLI(LightningCLI):
         path = config.get("ckpt_path")
         if path == "last":  # Lightning resolves it later; it is where ResumableCheckpoint writes it
             folder = (config.get("checkpoint") or {}).get("dirpath")
-            root = (config.get("trainer") or {}).get("default_root_dir") or "."
-            path = Path(folder or Path(root).expanduser() / "checkpoints") / "last.ckpt"
+            path = Path(_checkpoint_folder(folder, (config.get("trainer") or {}).get("default_root_dir"))) / "last.ckpt"
         self._saved = saved = _checkpoint_extras(path)  # read once; reused before instantiation
-        self._saved_in = Path(path).expanduser().resolve().parent if path else None
+        self._saved_in = os.path.realpath(os.path.dirname(os.path.expanduser(str(path)))) if path else None
         check_checkpoint_kind(saved["class_path"], self.model_class, str(config.get("ckpt_path")))
         try:
             super()._parse_ckpt_path()
@@ -155,10 +154,7 @@ class FrozenBNCLI(LightningCLI):
         config = self._get(self.config_init, "trainer", default={})
         checkpoint = self._get(self.config_init, "checkpoint")
         if checkpoint is not None and checkpoint.dirpath is None:
-            # One checkpoint folder per run directory, not per logger version: `--ckpt_path last`
-            # then finds the previous run's last.ckpt (Lightning resolves "last" before setup).
-            root = config.get("default_root_dir") or "."
-            checkpoint.dirpath = os.path.realpath(os.path.join(os.path.expanduser(str(root)), "checkpoints"))
+            checkpoint.dirpath = _checkpoint_folder(None, config.get("default_root_dir"))
         if config.get("logger") in (None, True):
             root = config.get("default_root_dir") or "."
             kwargs["logger"] = _default_loggers(root, self._resumed_csv(root))
@@ -175,11 +171,11 @@ class FrozenBNCLI(LightningCLI):
         if self.subcommand != "fit" or saved.get("csv_version") is None or saved.get("global_step") is None:
             return None
         checkpoints = self._get(self.config_init, "checkpoint")
-        folder = (
-            Path(os.path.realpath(checkpoints.dirpath)) if checkpoints is not None and checkpoints.dirpath else None
-        )
         here = Path(CSVLogger(root, name="csv", version=saved["csv_version"]).log_dir)
-        if folder is None or getattr(self, "_saved_in", None) != folder or not here.is_dir():
+        in_this_run = checkpoints is not None and getattr(self, "_saved_in", None) == _checkpoint_folder(
+            checkpoints.dirpath, root
+        )
+        if not in_this_run or not here.is_dir():
             return None  # a checkpoint of another run directory or machine: its metrics are not here
         return saved["csv_version"], int(saved.get("epoch") or 0), int(saved["global_step"])
 
@@ -204,6 +200,17 @@ class FrozenBNCLI(LightningCLI):
             elif where := getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None):
                 lines.append(f"logs ({type(logger).__name__}): {where}")  # TensorBoard, W&B, MLflow, yours
         print("\n".join(lines), flush=True)
+
+
+def _checkpoint_folder(dirpath: str | None, root: str | None) -> str:
+    """Where the CLI's checkpoints go: ``checkpoint.dirpath``, else ``<trainer.default_root_dir>/checkpoints``.
+
+    One folder per run directory, not per logger version: `--ckpt_path last` then finds the previous
+    run's last.ckpt (Lightning resolves "last" before setup). Absolute and with links resolved, so the
+    folder a checkpoint was read from compares equal to it.
+    """
+    folder = dirpath or os.path.join(os.path.expanduser(str(root or ".")), "checkpoints")
+    return os.path.realpath(os.path.expanduser(str(folder)))
 
 
 def _checkpoint_extras(path: str | Path | None) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_frozenbn.backbone import Norm, build_resnet
+from lightning_frozenbn.checkpoint import CheckpointError
 from lightning_frozenbn.norm import calibrate_bn, fold_frozen_batchnorm, to_batchnorm
 
 __all__ = ["FrozenBNClassifier", "FrozenBNModule", "default_optimizer"]
@@ -53,8 +55,6 @@ def check_checkpoint_kind(saved: str | None, model_class: type, source: str) -> 
     Raises:
         CheckpointError: naming the file, both classes, the command for it and the ``weights`` route.
     """
-    import importlib
-
     family = next((c for c in model_class.__mro__ if "command" in vars(c)), None)
     if saved is None or family is None:
         return
@@ -65,8 +65,6 @@ def check_checkpoint_kind(saved: str | None, model_class: type, source: str) -> 
         return
     if not isinstance(cls, type) or issubclass(cls, family):
         return
-    from lightning_frozenbn.checkpoint import CheckpointError
-
     command = getattr(cls, "command", None)
     use = f"Use `{command}` for it, or, to" if command else "To"
     raise CheckpointError(
