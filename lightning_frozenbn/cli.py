@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import pydoc
 import sys
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import lazy_instance
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_frozenbn.backbone import WeightsMismatchError, eval_resize_for
 from lightning_frozenbn.checkpoint import AtomicCheckpointIO, CheckpointError, ResumableCheckpoint
@@ -19,7 +24,7 @@ from lightning_frozenbn.coco import CocoDetectionDataModule, CocoResultsWriter
 from lightning_frozenbn.data import DataError, ImageFolderDataModule, PredictionWriter
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, GuardConfigError
-from lightning_frozenbn.loggers import ResumedCSVLogger
+from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
 from lightning_frozenbn.module import FrozenBNClassifier, check_checkpoint_kind, saved_model_class
 
 __all__ = ["DetectionCLI", "FrozenBNCLI", "detect_main", "main"]
@@ -44,8 +49,12 @@ class FrozenBNCLI(LightningCLI):
     * ``checkpoint`` (:class:`ResumableCheckpoint`) keeps the best model by ``val/acc`` and a
       ``last.ckpt`` that is always the latest epoch;
     * ``prediction_writer`` writes ``predict`` results to CSV;
-    * a LearningRateMonitor, a CSV logger always and a TensorBoard logger when installed;
-    * :class:`AtomicCheckpointIO`: checkpoints written atomically and loaded with the safe loader.
+    * a LearningRateMonitor, a CSV logger always and a TensorBoard logger when installed, both in the
+      run directory (:class:`~lightning_frozenbn.loggers.RunCSVLogger`); they are the defaults of
+      ``trainer.logger``, so ``--print_config`` shows them and a config can extend the list;
+    * :class:`AtomicCheckpointIO`: checkpoints written atomically and loaded with the safe loader. It is
+      the default of ``trainer.plugins`` and is added to a user's plugin list unless that list has its
+      own checkpoint IO.
 
     Devices, precision, strategy and num_nodes are plain Trainer flags, settable in YAML or as
     ``--trainer.<flag>``.
@@ -68,7 +77,12 @@ class FrozenBNCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("trainer_defaults", {"callbacks": [LearningRateMonitor(logging_interval="epoch")]})
+        kwargs["trainer_defaults"] = {
+            "callbacks": [LearningRateMonitor(logging_interval="epoch")],
+            "logger": _default_loggers(),
+            "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
+            **kwargs.get("trainer_defaults", {}),
+        }
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(**kwargs)
 
@@ -94,15 +108,25 @@ class FrozenBNCLI(LightningCLI):
         if path == "last":  # Lightning resolves it later; it is where ResumableCheckpoint writes it
             folder = (config.get("checkpoint") or {}).get("dirpath")
             path = Path(_checkpoint_folder(folder, (config.get("trainer") or {}).get("default_root_dir"))) / "last.ckpt"
-        self._saved = saved = _checkpoint_extras(path)  # read once; reused before instantiation
+        # read once, reused before instantiation; a named file that is missing or unreadable is refused now,
+        # before the run creates its logger version (`last` on a fresh run directory starts from scratch)
+        named = path is not None and config.get("ckpt_path") not in ("last", "best", "hpc")
+        self._saved = saved = _checkpoint_extras(path, must_exist=named and not str(path).startswith("registry"))
         self._saved_in = os.path.realpath(os.path.dirname(os.path.expanduser(str(path)))) if path else None
         check_checkpoint_kind(saved["class_path"], self.model_class, str(config.get("ckpt_path")))
+        given = _run_settings_given(config.get("model"), self.model_class)
         try:
             super()._parse_ckpt_path()
         except Exception:
             config = self.config[self.config.subcommand]
             AtomicCheckpointIO().load_checkpoint(config.get("ckpt_path"))  # raises CheckpointError
             raise
+        init_args = (self.config[self.config.subcommand].get("model") or {}).get("init_args")
+        for key, value in given.items() if init_args is not None else ():
+            if init_args.get(key) != value:
+                was = init_args.get(key)
+                rank_zero_info(f"Using {key}={value!r} from the command line or config, not the checkpoint's {was!r}")
+                init_args[key] = value
 
     def before_instantiate_classes(self) -> None:
         """Refuse a num_classes written by hand: it comes from the data, and two sources can disagree."""
@@ -124,6 +148,7 @@ class FrozenBNCLI(LightningCLI):
             except (ValueError, KeyError):
                 resize = None  # an unknown name is reported when the model is built
             data_args["eval_resize"] = resize
+        self._place_loggers(config.get("trainer"), config.get("checkpoint"))
         if given is not None and not config.get("ckpt_path"):
             self.parser.error(
                 f"`model.init_args.num_classes: {given}` is set by hand, but it is linked from the data module "
@@ -149,32 +174,48 @@ class FrozenBNCLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Add the guard and the default loggers (CSV always, TensorBoard when installed)."""
+        """Add the guard, and atomic checkpoint writing to a plugin list that brings no checkpoint IO of its own."""
         guard = self._get(self.config_init, "guard")
         config = self._get(self.config_init, "trainer", default={})
         checkpoint = self._get(self.config_init, "checkpoint")
         if checkpoint is not None and checkpoint.dirpath is None:
             checkpoint.dirpath = _checkpoint_folder(None, config.get("default_root_dir"))
-        if config.get("logger") in (None, True):
-            root = config.get("default_root_dir") or "."
-            kwargs["logger"] = _default_loggers(root, self._resumed_csv(root))
-        if config.get("plugins") is None:
-            kwargs["plugins"] = [AtomicCheckpointIO()]
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]  # `plugins: [SLURMEnvironment]` keeps it
         trainer = super().instantiate_trainer(**kwargs)
         if guard is not None:
             trainer.callbacks.insert(0, guard)
         return trainer
 
-    def _resumed_csv(self, root: str) -> tuple[int | str, int, int] | None:
+    def _place_loggers(self, trainer: Any, checkpoint: Any) -> None:
+        """Put the default loggers (``save_dir: null``) in the run directory; continue the run a fit resumes."""
+        if trainer is None or not trainer.get("logger") or trainer.get("logger") is True:
+            return
+        root = trainer.get("default_root_dir") or "."
+        entries = trainer["logger"] if isinstance(trainer["logger"], list) else [trainer["logger"]]
+        ours = [e for e in entries if getattr(e, "class_path", None) in _RUN_LOGGERS and e.get("init_args")]
+        for entry in ours:
+            if entry.init_args.get("save_dir") is None:
+                entry.init_args.save_dir = root
+        resumed = self._resumed_csv(root, checkpoint.get("dirpath") if checkpoint is not None else None)
+        csv_entries = [e for e in ours if e.class_path == f"{RunCSVLogger.__module__}.{RunCSVLogger.__name__}"]
+        if resumed is None or not csv_entries or csv_entries[0].init_args.get("version") is not None:
+            return
+        version, epoch, step = resumed
+        csv_entries[0].init_args.version, csv_entries[0].init_args.resume_at = version, (epoch, step)
+        for entry in ours:  # TensorBoard continues the same version, so the two stay side by side
+            if entry.init_args.get("version") is None:
+                entry.init_args.version = version
+
+    def _resumed_csv(self, root: str, dirpath: str | None) -> tuple[int | str, int, int] | None:
         """(version, epoch, global step) of the CSV metrics a resumed fit continues, if they are here."""
         saved = getattr(self, "_saved", None) or {}
         if self.subcommand != "fit" or saved.get("csv_version") is None or saved.get("global_step") is None:
             return None
-        checkpoints = self._get(self.config_init, "checkpoint")
         here = Path(CSVLogger(root, name="csv", version=saved["csv_version"]).log_dir)
-        in_this_run = checkpoints is not None and getattr(self, "_saved_in", None) == _checkpoint_folder(
-            checkpoints.dirpath, root
-        )
+        in_this_run = getattr(self, "_saved_in", None) == _checkpoint_folder(dirpath, root)
         if not in_this_run or not here.is_dir():
             return None  # a checkpoint of another run directory or machine: its metrics are not here
         return saved["csv_version"], int(saved.get("epoch") or 0), int(saved["global_step"])
@@ -213,11 +254,27 @@ def _checkpoint_folder(dirpath: str | None, root: str | None) -> str:
     return os.path.realpath(os.path.expanduser(str(folder)))
 
 
-def _checkpoint_extras(path: str | Path | None) -> dict[str, Any]:
+def _run_settings_given(model: Any, default_class: type) -> dict[str, Any]:
+    """The model's ``run_settings`` the command line or config set to something other than their default."""
+    if model is None or model.get("init_args") is None:
+        return {}
+    cls = pydoc.locate(str(model.get("class_path"))) if model.get("class_path") else default_class
+    cls = cls if isinstance(cls, type) else default_class
+    parameters = inspect.signature(cls).parameters
+    return {
+        key: model.init_args[key]
+        for key in sorted(getattr(cls, "run_settings", ()))
+        if key in parameters and key in model.init_args and model.init_args[key] != parameters[key].default
+    }
+
+
+def _checkpoint_extras(path: str | Path | None, must_exist: bool = False) -> dict[str, Any]:
     """What FrozenBNClassifier.on_save_checkpoint records beside the state: class names, initial weights.
 
-    One memory-mapped read; None for each when there is no checkpoint file ("last" is resolved later by
-    Lightning) or it predates these entries: the data folders and the config decide then.
+    One memory-mapped read; None for each when there is no checkpoint file ("last" of a new run directory)
+    or it predates these entries: the data folders and the config decide then. A local file that cannot
+    be read, or is missing while ``must_exist``, raises :class:`CheckpointError` (naming it and the
+    checkpoints beside it) before anything of the run is created.
     """
     import torch
 
@@ -229,12 +286,17 @@ def _checkpoint_extras(path: str | Path | None) -> dict[str, Any]:
         "epoch": None,
         "global_step": None,
     }
-    if not path or not Path(path).is_file():
+    if not path or not _is_local_file_protocol(path):
+        return extras
+    if not Path(path).is_file():
+        if must_exist:
+            AtomicCheckpointIO().load_checkpoint(path)  # raises: does not exist, and which files are there
         return extras
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # unreadable: AtomicCheckpointIO reports it when the run loads the file
-        return extras
+    except Exception:
+        AtomicCheckpointIO().load_checkpoint(path)  # raises CheckpointError: truncated, corrupt or unsafe
+        return extras  # readable, only not memory-mapped (a legacy non-zip file): nothing recorded to use
     names, weights = checkpoint.get("class_names"), checkpoint.get("initial_weights")
     extras["class_names"] = list(names) if isinstance(names, (list, tuple)) else None
     extras["initial_weights"] = weights if isinstance(weights, str) else None
@@ -248,20 +310,19 @@ def _checkpoint_extras(path: str | Path | None) -> dict[str, Any]:
     return extras
 
 
-def _default_loggers(root: str, resumed: tuple[int | str, int, int] | None = None) -> list[Logger]:
-    """CSV always, TensorBoard when installed; a resumed fit continues the version it resumes."""
-    if resumed is not None:
-        version, epoch, step = resumed
-        loggers: list[Logger] = [ResumedCSVLogger(root, "csv", version, epoch, step)]
-    else:
-        version, loggers = None, [CSVLogger(root, name="csv")]
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
+_RUN_LOGGERS = {f"{c.__module__}.{c.__name__}" for c in (RunCSVLogger, RunTensorBoardLogger)}
 
-        loggers.append(TensorBoardLogger(root, name="tensorboard", version=version))
-        loggers[-1].experiment  # noqa: B018  (fails here, not mid-fit, when tensorboard is missing)
-    except (ImportError, ModuleNotFoundError):
-        loggers = loggers[:1]
+
+def _default_loggers() -> list[dict[str, str]]:
+    """CSV always, TensorBoard when installed (decided when the parser is built, so the defaults say it)."""
+    loggers = [{"class_path": f"{RunCSVLogger.__module__}.{RunCSVLogger.__name__}"}]
+    for package in ("tensorboard", "tensorboardX"):  # what Lightning's TensorBoardLogger can write with
+        try:
+            __import__(package)
+        except ImportError:
+            continue
+        loggers.append({"class_path": f"{RunTensorBoardLogger.__module__}.{RunTensorBoardLogger.__name__}"})
+        break
     return loggers
 
 

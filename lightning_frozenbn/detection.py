@@ -110,6 +110,17 @@ class FrozenBNDetector(FrozenBNModule):
 
     #: the console command for this kind of model (named when a checkpoint of the other kind is given)
     command: ClassVar[str] = "lightning-frozenbn-detect"
+    #: test-time sizes, region counts and thresholds are set per evaluation, e.g. predict with a higher score
+    run_settings: ClassVar[frozenset[str]] = FrozenBNModule.run_settings | {
+        "min_size",
+        "max_size",
+        "rpn_pre_nms_top_n_test",
+        "rpn_post_nms_top_n_test",
+        "box_score_thresh",
+        "box_nms_thresh",
+        "box_detections_per_img",
+        "map_backend",
+    }
 
     def __init__(
         self,

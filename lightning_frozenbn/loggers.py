@@ -1,16 +1,17 @@
-"""ResumedCSVLogger: a resumed run appends to the metrics.csv of the run it resumes, not to a new version."""
+"""The CLI's default loggers: they follow ``trainer.default_root_dir``, and a resumed fit appends to its run."""
 
 from __future__ import annotations
 
 import csv
+import os
 from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from typing_extensions import override
 
-__all__ = ["ResumedCSVLogger"]
+__all__ = ["RunCSVLogger", "RunTensorBoardLogger"]
 
 
 class _ContinuedWriter(ExperimentWriter):
@@ -50,34 +51,67 @@ def _logged_by(row: dict[str, str], epoch: int, step: int) -> bool:
     return row_epoch <= epoch and row_step <= step
 
 
-class ResumedCSVLogger(CSVLogger):
-    """Lightning's CSVLogger writing into an existing version of a run that is being resumed.
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger whose folder defaults to the run directory, and which can continue a run.
 
-    Why: ``CSVLogger`` starts a new ``version_N`` for every process, so after ``--ckpt_path last`` a
-    run's curve is split over two files, and pointing it at the old version deletes that version's
-    ``metrics.csv``. This one keeps the rows logged up to the checkpoint (``epoch`` and ``global_step``
-    of the checkpoint) and appends the resumed run's rows after them: one file, as if never stopped.
-    It overrides a private method of Lightning's CSV writer (``_check_log_dir_exists``), which is why
-    pyproject.toml bounds ``lightning`` to the tested minor version.
+    Why: the CLI's default loggers are written in its defaults, so ``--print_config`` shows them and a
+    user can extend the list (add W&B) instead of unknowingly replacing it. The defaults are fixed
+    before the config is read, so the folder cannot be spelled there: ``save_dir: null`` means
+    ``trainer.default_root_dir`` (the CLI fills it in; "." outside the CLI).
+
+    Lightning's ``CSVLogger`` starts a new ``version_N`` for every process, so after ``--ckpt_path last``
+    a run's curve would be split over two files, and pointing it at the old version deletes that
+    version's ``metrics.csv``. With ``resume_at`` (set by the CLI when a fit resumes a checkpoint of
+    this run directory), this logger keeps the rows logged up to the checkpoint and appends the resumed
+    run's rows after them: one file, as if never stopped. It overrides a private method of Lightning's
+    CSV writer (``_check_log_dir_exists``), which is why pyproject.toml bounds ``lightning``.
 
     Args:
-        save_dir, name: as for ``CSVLogger``.
-        version: the version folder of the run being resumed.
-        epoch, step: the checkpoint's ``epoch`` and ``global_step``.
-        **kwargs: passed to ``CSVLogger``.
+        save_dir: parent folder of ``name``; None = the run directory.
+        name: sub-folder holding the ``version_N`` folders.
+        version: the version folder; None = the next free one.
+        resume_at: ``(epoch, global_step)`` of the checkpoint a resumed run starts from; requires ``version``.
+        **kwargs: passed to ``CSVLogger`` (``prefix``, ``flush_logs_every_n_steps``).
     """
 
-    def __init__(self, save_dir: str, name: str, version: int | str, epoch: int, step: int, **kwargs: Any) -> None:
-        super().__init__(save_dir, name=name, version=version, **kwargs)
-        self._resume_at = (epoch, step)
+    def __init__(
+        self,
+        save_dir: str | None = None,
+        name: str = "csv",
+        version: int | str | None = None,
+        resume_at: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if resume_at is not None and version is None:
+            raise ValueError(
+                f"RunCSVLogger(resume_at={resume_at}) needs the version folder to continue: pass version= too."
+            )
+        super().__init__(os.fspath(save_dir) if save_dir is not None else ".", name=name, version=version, **kwargs)
+        self._resume_at = tuple(resume_at) if resume_at is not None else None
 
     @property
     @override
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
-        """The writer that continues the existing ``metrics.csv``."""
-        if self._experiment is not None:
-            return self._experiment
+        """Lightning's writer, or on a resumed run the writer that continues the existing ``metrics.csv``."""
+        if self._experiment is not None or self._resume_at is None:
+            return super().experiment
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = _ContinuedWriter(self.log_dir, *self._resume_at)
         return self._experiment
+
+
+class RunTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger whose folder defaults to the run directory (see :class:`RunCSVLogger`).
+
+    Args:
+        save_dir: parent folder of ``name``; None = the run directory.
+        name: sub-folder holding the ``version_N`` folders.
+        version: the version folder; None = the next free one (the CLI passes the CSV logger's on resume).
+        **kwargs: passed to ``TensorBoardLogger``.
+    """
+
+    def __init__(
+        self, save_dir: str | None = None, name: str = "tensorboard", version: int | str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(os.fspath(save_dir) if save_dir is not None else ".", name=name, version=version, **kwargs)

@@ -92,6 +92,11 @@ class FrozenBNModule(pl.LightningModule):
 
     _pending_finite: tuple[Tensor, Any, Tensor, str] | None = None  # the last step's check (check_finite="deferred")
 
+    #: How the model runs, not what it learned. With ``--ckpt_path``, LightningCLI rebuilds the model from
+    #: the checkpoint's hyperparameters, which would silently beat the command line; for these settings a
+    #: value the command gives (one that differs from the default) is used instead, and the log says so.
+    run_settings: ClassVar[frozenset[str]] = frozenset({"fold", "compile", "channels_last", "check_finite"})
+
     def __init__(
         self,
         arch: str = "resnet50",

@@ -40,6 +40,9 @@ no traceback, and leaves the files of an earlier run untouched.
 | 35 | checkpoint | a checkpoint pickle that would run code            | "Refused" (marker never created)  |
 | 36 | optimizer  | negative learning rate                             | the value + the key to fix        |
 | 37 | data       | a dataset with a single class folder               | the folder + "at least two"       |
+| 38 | checkpoint | `--ckpt_path last` finds a truncated last.ckpt     | the path + "truncated"            |
+
+A mistake in the checkpoint is found before the run starts: it leaves no new logger version behind.
 """
 
 import shutil
@@ -86,6 +89,8 @@ def world(tmp_path_factory):
     )
     data = (earlier / "checkpoints" / "last.ckpt").read_bytes()
     (base / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (base / "run" / "checkpoints").mkdir()  # where `--ckpt_path last` looks (the CLI's checkpoint folder)
+    (base / "run" / "checkpoints" / "last.ckpt").write_bytes(data[: len(data) // 2])
     return base
 
 
@@ -185,6 +190,7 @@ def case(world, name):
         "weights-evil": (["--model.init_args.weights", str(world / "evil.pth")], ["Refused"]),
         "ckpt-missing": (["--ckpt_path", str(world / "gone.ckpt")], ["gone.ckpt", "does not exist"]),
         "ckpt-truncated": (["--ckpt_path", str(world / "truncated.ckpt")], ["truncated.ckpt", "truncated or corrupt"]),
+        "ckpt-last-truncated": (["--ckpt_path", "last"], ["checkpoints/last.ckpt", "truncated or corrupt"]),
         "ckpt-other-classes": (
             ["--ckpt_path", str(world / "run" / "csv" / "version_0" / "checkpoints" / "last.ckpt")],
             ["num_classes=4", "10 classes"],
@@ -240,6 +246,7 @@ CASES = [
     "weights-evil",
     "ckpt-missing",
     "ckpt-truncated",
+    "ckpt-last-truncated",
     "ckpt-other-classes",
     "ckpt-evil",
     "negative-lr",
@@ -281,4 +288,6 @@ def test_user_mistake(world, name, capsys):
     assert "Traceback" not in err
     after = snapshot(world)
     assert {p: after.get(p) for p in before} == before, "a failed command modified an earlier run's files"
+    if name.startswith("ckpt-"):  # refused before the run starts: no new (empty) logger version either
+        assert sorted(after) == sorted(before), sorted(set(after) - set(before))
     assert not (world / "pwned").exists()

@@ -127,6 +127,8 @@ def test_fit_validate_test_predict_from_one_config(tmp_path, capsys, monkeypatch
     files = sorted((tmp_path / "run" / "csv").rglob("metrics.csv"))
     assert [f.parent.name for f in files] == ["version_0"]
     assert [int(float(r["epoch"])) for r in csv.DictReader(open(files[0])) if r.get("val/acc")] == [0, 1]
+    if (tmp_path / "run" / "tensorboard").is_dir():  # TensorBoard (installed by the dev extra) continues it too
+        assert [p.name for p in (tmp_path / "run" / "tensorboard").iterdir()] == ["version_0"]
     assert f"Resuming from {last} (saved at epoch 0" in resumed.stderr + resumed.stdout
     assert torch.load(last, weights_only=True)["epoch"] == 1
     metrics = next((tmp_path / "run").rglob("metrics.csv"))
@@ -277,15 +279,62 @@ def test_guard_null_turns_the_guard_off_and_checkpoints_are_atomic_by_default(tm
     assert not any(type(c).__name__ == "FrozenModuleGuard" for c in off.trainer.callbacks)
 
 
-def test_loggers_without_tensorboard_are_csv_only(tmp_path, monkeypatch):
-    from lightning.pytorch.loggers import CSVLogger
-
+def test_the_printed_config_shows_the_loggers_and_checkpoint_io_the_run_uses(tmp_path, monkeypatch, capsys):
+    """`--print_config` writes the default loggers and AtomicCheckpointIO; run from that file, the same ones."""
+    from lightning_frozenbn.checkpoint import AtomicCheckpointIO
     from lightning_frozenbn.cli import FrozenBNCLI
+    from lightning_frozenbn.loggers import RunCSVLogger
 
     for name in ("tensorboard", "tensorboardX"):
-        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed: CSV only
+    with pytest.raises(SystemExit):
+        FrozenBNCLI(args=[*quickstart_args(tmp_path), "--print_config"], run=False)
+    printed = capsys.readouterr().out
+    assert "- class_path: lightning_frozenbn.loggers.RunCSVLogger" in printed and "TensorBoard" not in printed
+    assert "- class_path: lightning_frozenbn.checkpoint.AtomicCheckpointIO" in printed
+    (tmp_path / "printed.yaml").write_text(printed)
+    cli = FrozenBNCLI(args=["--config", str(tmp_path / "printed.yaml")], run=False)
+    assert [type(logger) for logger in cli.trainer.loggers] == [RunCSVLogger]
+    assert Path(cli.trainer.logger.log_dir) == tmp_path / "run" / "csv" / "version_0"  # save_dir null: the run dir
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+def test_tensorboard_when_installed_logs_beside_csv_in_the_run_directory(tmp_path):
+    pytest.importorskip("tensorboard")  # in the dev extra
+    from lightning_frozenbn.cli import FrozenBNCLI
+    from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
+
     cli = FrozenBNCLI(args=quickstart_args(tmp_path), run=False)
-    assert [type(logger) for logger in cli.trainer.loggers] == [CSVLogger]
+    assert [type(logger) for logger in cli.trainer.loggers] == [RunCSVLogger, RunTensorBoardLogger]
+    assert Path(cli.trainer.loggers[1].log_dir) == tmp_path / "run" / "tensorboard" / "version_0"
+
+
+def test_a_logger_added_on_the_command_line_extends_the_defaults(tmp_path):
+    from lightning_frozenbn.cli import FrozenBNCLI
+
+    extra = ["--trainer.logger+=test_cli.ListLogger", "--trainer.logger.save_dir", str(tmp_path / "mine")]
+    cli = FrozenBNCLI(args=quickstart_args(tmp_path, *extra), run=False)
+    names = [type(logger).__name__ for logger in cli.trainer.loggers]
+    assert names[0] == "RunCSVLogger" and names[-1] == "ListLogger"
+    assert Path(cli.trainer.loggers[0].log_dir).parent == tmp_path / "run" / "csv"
+
+
+@pytest.mark.parametrize(
+    ("plugin", "kept"),
+    [("lightning.fabric.plugins.environments.LightningEnvironment", False), ("TorchCheckpointIO", True)],
+    ids=["environment-plugin", "own-checkpoint-io"],
+)
+def test_a_plugin_list_keeps_atomic_checkpoints_unless_it_brings_its_own(tmp_path, plugin, kept):
+    from lightning.pytorch.plugins import TorchCheckpointIO
+
+    from lightning_frozenbn.checkpoint import AtomicCheckpointIO
+    from lightning_frozenbn.cli import FrozenBNCLI
+
+    ddp = ["--trainer.strategy", "ddp"]  # a strategy that has a cluster environment, to see the plugin used
+    cli = FrozenBNCLI(args=quickstart_args(tmp_path, *ddp, "--trainer.plugins", plugin), run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is (TorchCheckpointIO if kept else AtomicCheckpointIO)
+    if not kept:
+        assert type(cli.trainer.strategy.cluster_environment).__name__ == "LightningEnvironment"
 
 
 class ListLogger(__import__("lightning.pytorch.loggers", fromlist=["Logger"]).Logger):

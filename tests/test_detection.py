@@ -23,6 +23,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from lightning_frozenbn import FrozenBNDetector, FrozenModuleGuard, find_frozen_modules, fold_frozen_batchnorm
 from lightning_frozenbn.cli import DetectionCLI
+from lightning_frozenbn.coco import collate_detection
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(
@@ -153,8 +154,6 @@ def test_reid_subclass_trains_its_embedding_and_the_guard_watches_the_frozen_par
     for i, t in enumerate(targets):
         t["identity"] = torch.arange(len(t["boxes"])) + i
     batch = [(img, t) for img, t in zip(images, targets)]
-    from lightning_frozenbn.coco import collate_detection
-
     loader = torch.utils.data.DataLoader(batch, batch_size=2, collate_fn=collate_detection)
     model = readme_reid_detector()(3, num_identities=8, **SMALL)
     lut0 = model.lut.detach().clone()
@@ -251,7 +250,6 @@ def tiny_args(tmp_path, run="run", *extra):
 @pytest.mark.slow
 def test_detect_ddp_two_processes_fit_then_predict_one_coco_results_file(tmp_path):
     # score threshold 0: a 1-epoch model from random init scores every region below torchvision's 0.05
-    # (set at fit: a checkpoint's hyperparameters override the command line of predict)
     ddp = [
         "--config",
         str(ROOT / "configs" / "ddp.yaml"),
@@ -355,3 +353,23 @@ def test_a_checkpoint_of_the_other_kind_is_refused_with_the_fix(tmp_path, capsys
         CheckpointError, match="checkpoint of FrozenBNDetector, not of FrozenBNClassifier.*`lightning-frozenbn-detect`"
     ):
         FrozenBNClassifier.load_from_checkpoint(tmp_path / "det.ckpt")
+
+
+def test_run_settings_given_to_a_checkpoint_command_beat_the_checkpoints(tmp_path, monkeypatch):
+    """LightningCLI rebuilds the model from the checkpoint's hyperparameters; a test-time threshold the
+    command gives is used instead, a setting it does not give comes from the checkpoint, and what the
+    model is built of (RoIAlign size, anchors) always comes from the checkpoint."""
+    images, targets = scenes(2, seed=5)
+    loader = torch.utils.data.DataLoader(list(zip(images, targets)), batch_size=2, collate_fn=collate_detection)
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(FrozenBNDetector(10, **SMALL, box_nms_thresh=0.3), loader)
+    ckpt = tmp_path / "det.ckpt"
+    trainer.save_checkpoint(ckpt)
+    monkeypatch.chdir(tmp_path)
+    args = ["--ckpt_path", str(ckpt), "--model.init_args.box_score_thresh=0.6", "--trainer.limit_val_batches=1"]
+    cli = DetectionCLI(args=["validate", *tiny_args(tmp_path), *args])  # the config says roi_output_size 4
+    model = cli.model
+    assert model.roi_heads.score_thresh == 0.6 and model.hparams.box_score_thresh == 0.6  # the command's
+    assert model.roi_heads.nms_thresh == 0.3  # the checkpoint's: the command did not set it
+    assert model.hparams.roi_output_size == SMALL["roi_output_size"] == 6  # the checkpoint's architecture
+    assert list(model.hparams.anchor_sizes) == SMALL["anchor_sizes"]

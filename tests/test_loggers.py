@@ -2,7 +2,7 @@ import csv
 
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_frozenbn.loggers import ResumedCSVLogger
+from lightning_frozenbn.loggers import RunCSVLogger
 
 
 def test_a_resumed_run_keeps_the_rows_up_to_its_checkpoint_and_appends(tmp_path):
@@ -20,7 +20,7 @@ def test_a_resumed_run_keeps_the_rows_up_to_its_checkpoint_and_appends(tmp_path)
     path = tmp_path / "csv" / "version_0" / "metrics.csv"
     assert len(list(csv.DictReader(open(path)))) == 5
 
-    resumed = ResumedCSVLogger(tmp_path, "csv", version=0, epoch=0, step=11)
+    resumed = RunCSVLogger(tmp_path, "csv", version=0, resume_at=(0, 11))
     resumed.log_metrics({"lr": 0.5, "epoch": 1}, step=11)
     resumed.log_metrics({"train/loss": 1.5, "val/map": 0.25, "epoch": 1}, step=14)  # a key the file has not seen
     resumed.save()
