@@ -121,7 +121,8 @@ class FrozenBNCLI(LightningCLI):
             config = self.config[self.config.subcommand]
             AtomicCheckpointIO().load_checkpoint(config.get("ckpt_path"))  # raises CheckpointError
             raise
-        init_args = (self.config[self.config.subcommand].get("model") or {}).get("init_args")
+        after = self.config.get(str(self.config.get("subcommand")), self.config)  # no subcommand: run=False
+        init_args = (after.get("model") or {}).get("init_args")
         for key, value in given.items() if init_args is not None else ():
             if init_args.get(key) != value:
                 was = init_args.get(key)
@@ -137,6 +138,10 @@ class FrozenBNCLI(LightningCLI):
         saved = getattr(self, "_saved", None) or _checkpoint_extras(config.get("ckpt_path"))
         if data_args is not None and "class_names" in data_args and data_args.get("class_names") is None:
             data_args["class_names"] = saved["class_names"]  # the checkpoint knows them: no training data needed
+        if data_args is not None and "categories" in data_args and data_args.get("categories") is None:
+            names, ids = saved["class_names"], saved["category_ids"]  # the detector's label set, likewise
+            if names and ids and len(names) == len(ids):
+                data_args["categories"] = [{"id": i, "name": n} for i, n in zip(ids, names)]
         model_args = config.get("model", {}).get("init_args", {})
         if data_args is not None and "eval_resize" in data_args and data_args.get("eval_resize") is None:
             # evaluate as the weights were evaluated: IMAGENET1K_V2 wants resize 232 for a 224 crop, not 256
@@ -280,6 +285,7 @@ def _checkpoint_extras(path: str | Path | None, must_exist: bool = False) -> dic
 
     extras: dict[str, Any] = {
         "class_names": None,
+        "category_ids": None,
         "initial_weights": None,
         "class_path": None,
         "csv_version": None,
@@ -300,6 +306,8 @@ def _checkpoint_extras(path: str | Path | None, must_exist: bool = False) -> dic
     names, weights = checkpoint.get("class_names"), checkpoint.get("initial_weights")
     extras["class_names"] = list(names) if isinstance(names, (list, tuple)) else None
     extras["initial_weights"] = weights if isinstance(weights, str) else None
+    ids = checkpoint.get("category_ids")
+    extras["category_ids"] = [int(i) for i in ids] if isinstance(ids, (list, tuple)) else None
     extras["class_path"] = saved_model_class(checkpoint)
     for key in ("epoch", "global_step"):
         extras[key] = checkpoint.get(key) if isinstance(checkpoint.get(key), int) else None

@@ -20,10 +20,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from lightning_frozenbn.data import EpochShuffleSampler, publish_complete
-from lightning_frozenbn.decode import DataError
+from lightning_frozenbn.data import EpochShuffleSampler, _visible_image, publish_complete
+from lightning_frozenbn.decode import DataError, decode_file
 
 __all__ = ["CocoDetectionDataModule", "CocoResultsWriter", "DigitsDetectionDataModule", "collate_detection"]
 
@@ -178,6 +179,23 @@ class _CocoSplit(Dataset):
         return image.as_subclass(Tensor), out
 
 
+class _UnlabelledImages(Dataset):
+    """Every visible image file under ``root``, recursively, in sorted path order: ``(uint8 image, {})``."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise DataError(f"predict_root {str(root)!r} does not exist: point it at a folder of images.")
+        self.files = [str(p) for p in sorted(root.rglob("*")) if p.is_file() and _visible_image(p, root)]
+        if not self.files:
+            raise DataError(f"predict_root {str(root)!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)}).")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return decode_file(self.files[index]), {}
+
+
 class CocoDetectionDataModule(pl.LightningDataModule):
     """COCO-format detection data: an image folder and a COCO JSON per split, for :class:`FrozenBNDetector`.
 
@@ -199,6 +217,11 @@ class CocoDetectionDataModule(pl.LightningDataModule):
         val_images, val_annotations: the validation split (mAP is computed on it).
         test_images, test_annotations: an optional test split (``test``, or ``predict_split: test``).
         predict_split: the split ``predict`` runs on ("val" or "test"); results keep its image ids.
+        predict_root: a folder of new, unannotated images (searched recursively) that ``predict`` runs
+            on instead of ``predict_split``; results name each file. No split is needed then.
+        categories: ``[{"id": ..., "name": ...}, ...]``, the model's label set. Default: the training
+            annotations' categories. The CLI sets it from the checkpoint with ``--ckpt_path`` (fit records
+            it), so ``predict`` on new images needs no annotation file on that machine.
         batch_size: images per device per step.
         num_workers: DataLoader worker processes.
         hflip: random horizontal flips in training (turn off where flipping changes the class).
@@ -210,10 +233,10 @@ class CocoDetectionDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train_images: str | Path,
-        train_annotations: str | Path,
-        val_images: str | Path,
-        val_annotations: str | Path,
+        train_images: str | Path | None = None,
+        train_annotations: str | Path | None = None,
+        val_images: str | Path | None = None,
+        val_annotations: str | Path | None = None,
         test_images: str | Path | None = None,
         test_annotations: str | Path | None = None,
         predict_split: Literal["val", "test"] = "val",
@@ -223,6 +246,8 @@ class CocoDetectionDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         seed: int = 0,
         extra_keys: list[str] | None = None,
+        predict_root: str | Path | None = None,
+        categories: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("num_workers", num_workers)):
@@ -230,13 +255,17 @@ class CocoDetectionDataModule(pl.LightningDataModule):
                 raise DataError(f"{name}={value!r} is invalid: expected an integer >= {int(name == 'batch_size')}.")
         if predict_split not in ("val", "test"):
             raise DataError(f"predict_split={predict_split!r} is invalid: expected 'val' or 'test'.")
-        if (test_images is None) != (test_annotations is None):
-            raise DataError("Set both test_images and test_annotations, or neither.")
+        given = {"train": (train_images, train_annotations), "val": (val_images, val_annotations)}
+        given["test"] = (test_images, test_annotations)
+        for split, (images, json_file) in given.items():
+            if (images is None) != (json_file is None):
+                raise DataError(f"Set both {split}_images and {split}_annotations, or neither.")
         self.paths: dict[str, tuple[Path, Path] | None] = {
-            "train": (Path(train_images), Path(train_annotations)),
-            "val": (Path(val_images), Path(val_annotations)),
-            "test": (Path(test_images), Path(test_annotations)) if test_images is not None else None,
+            split: (Path(images), Path(json_file)) if images is not None else None
+            for split, (images, json_file) in given.items()
         }
+        self._categories = None if categories is None else _checked_categories(categories)
+        self.predict_root = None if predict_root is None else Path(predict_root)
         self.predict_split = predict_split
         self.batch_size, self.num_workers, self.hflip, self.seed = batch_size, num_workers, hflip, seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -249,13 +278,23 @@ class CocoDetectionDataModule(pl.LightningDataModule):
         if split not in self._annotations:
             paths = self.paths[split]
             if paths is None:
-                raise DataError(f"No {split} split: set `data.init_args.{split}_images` and `{split}_annotations`.")
+                raise DataError(
+                    f"No {split} split: set `data.init_args.{split}_images` and `data.init_args.{split}_annotations`."
+                )
             self._annotations[split] = _read_annotations(paths[1], paths[0], split)
         return self._annotations[split]
 
     @property
     def categories(self) -> list[dict[str, Any]]:
-        """The training annotations' categories, in id order."""
+        """The model's categories in id order: ``categories`` when given, else the training annotations'."""
+        if self._categories is not None:
+            return self._categories
+        if self.paths["train"] is None:
+            raise DataError(
+                "The categories are unknown: there is no training split to read them from. Pass the checkpoint "
+                "with --ckpt_path (fit records them in it), or set `data.init_args.categories` "
+                '(e.g. [{"id": 1, "name": "person"}, ...]).'
+            )
         return sorted(self._split_annotations("train")["categories"], key=lambda c: c["id"])
 
     @property
@@ -276,18 +315,22 @@ class CocoDetectionDataModule(pl.LightningDataModule):
     # ---- Lightning hooks --------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Check the annotations of the splits this stage needs and build their datasets."""
-        needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": [self.predict_split]}
+        predict = [] if self.predict_root is not None else [self.predict_split]
+        needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": predict}
+        if stage == "predict" and self.predict_root is not None and "predict" not in self._datasets:
+            self.categories  # noqa: B018  (the label set must be known before the model writes names)
+            self._datasets["predict"] = _UnlabelledImages(self.predict_root)
         label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
         for split in needed.get(stage, []):
             if split in self._datasets:
                 continue
             data = self._split_annotations(split)
-            if split != "train":
+            if split != "train" or self._categories is not None:  # a checkpoint's label set is checked too
                 theirs = {int(c["id"]): c.get("name") for c in data["categories"]}
                 ours = {cid: name for cid, name in zip(self.category_ids, self.classes)}
                 if any(theirs.get(cid, name) != name for cid, name in ours.items()) or set(theirs) - set(ours):
                     raise DataError(
-                        f"The {split} categories {theirs} differ from the training categories {ours} "
+                        f"The {split} categories {theirs} differ from the model's categories {ours} "
                         f"({str(self.paths[split][1])!r}). Export both splits with the same label set."
                     )
             images = self.paths[split][0]
@@ -318,8 +361,28 @@ class CocoDetectionDataModule(pl.LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        """Batches of ``predict_split``; targets carry each image's COCO id for the results file."""
-        return self._loader(self.predict_split)
+        """Batches of ``predict_root``'s files, or of ``predict_split`` with each image's COCO id in its target."""
+        return self._loader("predict" if self.predict_root is not None else self.predict_split)
+
+
+def _checked_categories(categories: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"id", "name"}, ...]`` in id order, ids distinct integers: the label set given instead of read."""
+    try:
+        ids = [int(c["id"]) for c in categories]
+        out = sorted(
+            ({"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in categories), key=lambda c: c["id"]
+        )
+    except (KeyError, TypeError, ValueError):
+        ids, out = [], []
+    if not out or len(set(ids)) != len(ids):
+        raise DataError(
+            f"categories={categories!r} is invalid: expected a list of {{'id': <int>, 'name': <str>}}, distinct ids."
+        )
+    return out
+
+
+def _by_id(category: dict[str, Any]) -> int:
+    return category["id"]
 
 
 class DigitsDetectionDataModule(CocoDetectionDataModule):
@@ -340,7 +403,7 @@ class DigitsDetectionDataModule(CocoDetectionDataModule):
         num_train, num_val: canvases per split.
         val_fraction: share of the source digits reserved for validation canvases.
         seed: seed of the split, the layouts and the shuffle.
-        batch_size, num_workers, pin_memory, extra_keys: as for CocoDetectionDataModule.
+        batch_size, num_workers, pin_memory, extra_keys, predict_root: as for CocoDetectionDataModule.
     """
 
     def __init__(
@@ -357,6 +420,7 @@ class DigitsDetectionDataModule(CocoDetectionDataModule):
         num_workers: int = 2,
         pin_memory: bool | None = None,
         extra_keys: list[str] | None = None,
+        predict_root: str | Path | None = None,
     ) -> None:
         root = Path(root)
         super().__init__(
@@ -370,6 +434,7 @@ class DigitsDetectionDataModule(CocoDetectionDataModule):
             pin_memory=pin_memory,
             seed=seed,
             extra_keys=extra_keys,
+            predict_root=predict_root,
         )
         lo, hi = digit_size
         if not 8 <= lo <= hi < canvas_size:
@@ -458,8 +523,10 @@ class CocoResultsWriter(BasePredictionWriter):
     """Write ``predict`` detections as a COCO results JSON: ``image_id, category_id, bbox [x, y, w, h], score``.
 
     The file loads with ``pycocotools.coco.COCO.loadRes`` against the predicted split's annotations
-    (the image and category ids are theirs). Under DDP the ranks' detections are gathered and rank 0
-    writes one file, atomically.
+    (the image and category ids are theirs). On new images (``data.init_args.predict_root``) there are
+    no image ids: each row names its ``file`` and its ``category`` (the name) beside the category id,
+    files in sorted path order. Under DDP the ranks' detections are gathered and rank 0 writes one
+    file, atomically.
 
     Args:
         output: the JSON path.
@@ -472,29 +539,36 @@ class CocoResultsWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
-        """Map labels back to COCO category ids and write the file."""
+        """Map labels back to COCO category ids (and images to files) and write the file."""
         category_ids = getattr(trainer.datamodule, "category_ids", None)
-        by_image: dict[int, list[dict[str, Any]]] = {}
-        for batch in predictions:
-            for det in batch:
-                rows = by_image.setdefault(int(det.get("image_id", -1)), [])
+        names = getattr(trainer.datamodule, "classes", None)
+        loader = trainer.predict_dataloaders
+        files = getattr((loader[0] if isinstance(loader, list) else loader).dataset, "files", None)
+        preds = predictions[0] if _nested(predictions) else predictions
+        indices = batch_indices[0] if _nested(batch_indices) else batch_indices
+        by_image: dict[int | str, list[dict[str, Any]]] = {}
+        for batch, batch_idx in zip(preds, indices or [None] * len(preds)):
+            for j, det in enumerate(batch):
+                key: int | str = files[batch_idx[j]] if files is not None else int(det.get("image_id", -1))
+                rows = by_image.setdefault(key, [])
                 boxes = det["boxes"].tolist()
                 for (x0, y0, x1, y1), label, score in zip(boxes, det["labels"].tolist(), det["scores"].tolist()):
-                    rows.append(
-                        {
-                            "image_id": int(det.get("image_id", -1)),
-                            "category_id": category_ids[label - 1] if category_ids else label,
-                            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                            "score": round(score, 5),
-                        }
-                    )
+                    row: dict[str, Any] = {"file": key} if files is not None else {"image_id": key}
+                    row["category_id"] = category_ids[label - 1] if category_ids else label
+                    if files is not None and names:
+                        row["category"] = names[label - 1]
+                    row["bbox"] = [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
+                    row["score"] = round(score, 5)
+                    rows.append(row)
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, by_image)
             by_image = {}
             for part in gathered:  # the distributed sampler repeats a few images to even out the ranks: once each
-                for image_id, rows in part.items():
-                    by_image.setdefault(image_id, rows)
+                for image, rows in part.items():
+                    by_image.setdefault(image, rows)
+        if files is not None:  # the order of the folder, whatever rank predicted what
+            by_image = {f: by_image[f] for f in files if f in by_image}
         results = [row for rows in by_image.values() for row in rows]
         if trainer.global_rank != 0:
             return
@@ -502,4 +576,10 @@ class CocoResultsWriter(BasePredictionWriter):
         tmp = self.output.with_name(self.output.name + ".tmp")
         tmp.write_text(json.dumps(results))
         os.replace(tmp, self.output)
-        print(f"{len(results)} detections written to {self.output}")
+        where = f"{len(by_image)} files" if files is not None else f"{len(by_image)} images"
+        print(f"{len(results)} detections on {where} written to {self.output}")
+
+
+def _nested(values: Any) -> bool:
+    """Whether Lightning gave per-dataloader lists (several predict dataloaders) rather than per-batch ones."""
+    return bool(values) and isinstance(values[0], list) and bool(values[0]) and isinstance(values[0][0], list)

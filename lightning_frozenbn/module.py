@@ -272,6 +272,12 @@ class FrozenBNModule(pl.LightningModule):
             names = None
         if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
             checkpoint["class_names"] = list(names)
+        try:  # COCO category ids of the labels (detection): predict on new images writes the dataset's ids
+            ids = getattr(self.trainer.datamodule, "category_ids", None)
+        except (RuntimeError, ValueError):
+            ids = None
+        if isinstance(ids, (list, tuple)) and all(isinstance(i, int) for i in ids):
+            checkpoint["category_ids"] = list(ids)
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict) and hparams.get("weights") is not None:
             checkpoint["initial_weights"] = hparams["weights"]

@@ -159,7 +159,7 @@ def test_val_categories_must_match_training(tmp_path):
         name="val",
         categories=[{"id": 3, "name": "car"}, {"id": 7, "name": "bus"}, {"id": 11, "name": "kite"}],
     )
-    with pytest.raises(DataError, match=r"val categories .* differ from the training categories"):
+    with pytest.raises(DataError, match=r"val categories .* differ from the model.s categories"):
         CocoDetectionDataModule(*train, *val, num_workers=0).setup("fit")
 
 
@@ -231,3 +231,31 @@ def test_results_file_maps_back_to_coco_ids_and_xywh(tmp_path):
         evaluator = COCOeval(gt, gt.loadRes(str(out)), "bbox")
         evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
     assert evaluator.stats[0] == pytest.approx(1.0)
+
+
+def test_predict_root_needs_no_annotations_when_the_categories_are_given(tmp_path):
+    new = tmp_path / "new"
+    (new / "b").mkdir(parents=True)
+    (new / ".ipynb_checkpoints").mkdir()
+    for path in (new / "z.png", new / "b" / "a.jpg", new / ".ipynb_checkpoints" / "z.png"):
+        Image.new("RGB", (40, 30), (10, 20, 30)).save(path)
+    (new / "notes.txt").write_text("not an image")
+    categories = [{"id": 7, "name": "train"}, {"id": 3, "name": "car"}]  # as the CLI gives them from a checkpoint
+    dm = CocoDetectionDataModule(predict_root=new, categories=categories, num_workers=0)
+    dm.setup("predict")
+    assert dm.num_classes == 2 and dm.category_ids == [3, 7] and dm.classes == ["car", "train"]
+    images, targets = next(iter(dm.predict_dataloader()))
+    assert dm._datasets["predict"].files == [str(new / "b" / "a.jpg"), str(new / "z.png")]  # sorted, no hidden
+    assert images[0].dtype == torch.uint8 and images[0].shape == (3, 30, 40) and targets == [{}, {}]
+    with pytest.raises(DataError, match="categories are unknown.*--ckpt_path"):
+        CocoDetectionDataModule(predict_root=new, num_workers=0).setup("predict")
+    with pytest.raises(DataError, match=r"categories=\[\{'id': 'x'\}\] is invalid"):
+        CocoDetectionDataModule(predict_root=new, categories=[{"id": "x"}])
+    with pytest.raises(DataError, match="does not exist"):
+        CocoDetectionDataModule(predict_root=tmp_path / "nope", categories=categories).setup("predict")
+    with pytest.raises(DataError, match="No train split: set `data.init_args.train_images`"):
+        CocoDetectionDataModule(predict_root=new, categories=categories).setup("fit")
+    # a checkpoint's label set is checked against training annotations too (a resume on other data)
+    train = write_coco(tmp_path, name="train")
+    with pytest.raises(DataError, match=r"train categories .* differ from the model.s categories"):
+        CocoDetectionDataModule(*train, categories=categories, num_workers=0).setup("fit")

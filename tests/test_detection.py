@@ -7,6 +7,7 @@ import copy
 import csv
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -355,21 +356,70 @@ def test_a_checkpoint_of_the_other_kind_is_refused_with_the_fix(tmp_path, capsys
         FrozenBNClassifier.load_from_checkpoint(tmp_path / "det.ckpt")
 
 
-def test_run_settings_given_to_a_checkpoint_command_beat_the_checkpoints(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_fit(tmp_path_factory):
+    """One epoch of `lightning-frozenbn-detect fit` in this process on the tiny canvas set: (folder, last.ckpt)."""
+    folder = tmp_path_factory.mktemp("tiny_fit")
+    fit_args = ["--trainer.max_epochs=1", "--model.init_args.box_nms_thresh=0.3", "--model.init_args.roi_output_size=6"]
+    DetectionCLI(args=["fit", *tiny_args(folder, "run", *fit_args)])
+    return folder, folder / "run" / "checkpoints" / "last.ckpt"
+
+
+def test_run_settings_given_to_a_checkpoint_command_beat_the_checkpoints(tiny_fit):
     """LightningCLI rebuilds the model from the checkpoint's hyperparameters; a test-time threshold the
     command gives is used instead, a setting it does not give comes from the checkpoint, and what the
-    model is built of (RoIAlign size, anchors) always comes from the checkpoint."""
-    images, targets = scenes(2, seed=5)
-    loader = torch.utils.data.DataLoader(list(zip(images, targets)), batch_size=2, collate_fn=collate_detection)
-    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0)
-    trainer.fit(FrozenBNDetector(10, **SMALL, box_nms_thresh=0.3), loader)
-    ckpt = tmp_path / "det.ckpt"
-    trainer.save_checkpoint(ckpt)
-    monkeypatch.chdir(tmp_path)
+    model is built of (the RoIAlign size) always comes from the checkpoint."""
+    folder, ckpt = tiny_fit
     args = ["--ckpt_path", str(ckpt), "--model.init_args.box_score_thresh=0.6", "--trainer.limit_val_batches=1"]
-    cli = DetectionCLI(args=["validate", *tiny_args(tmp_path), *args])  # the config says roi_output_size 4
+    cli = DetectionCLI(args=["validate", *tiny_args(folder, "validate"), *args])  # the config says roi_output_size 4
     model = cli.model
     assert model.roi_heads.score_thresh == 0.6 and model.hparams.box_score_thresh == 0.6  # the command's
     assert model.roi_heads.nms_thresh == 0.3  # the checkpoint's: the command did not set it
-    assert model.hparams.roi_output_size == SMALL["roi_output_size"] == 6  # the checkpoint's architecture
-    assert list(model.hparams.anchor_sizes) == SMALL["anchor_sizes"]
+    assert model.hparams.roi_output_size == 6  # the checkpoint's architecture
+
+
+def test_predict_on_new_images_names_each_file_with_the_checkpoints_categories(tiny_fit):
+    """No annotation file at predict time: the categories come from the checkpoint, rows name the files (in
+    path order, hidden files skipped), and each file's detections are what the model finds on that file."""
+    from lightning_frozenbn.decode import decode_file
+
+    folder, ckpt = tiny_fit
+    new = folder / "new_images"
+    (new / "b").mkdir(parents=True)
+    (new / ".ipynb_checkpoints").mkdir()
+    val = sorted((folder / "dd" / "val").glob("*.png"))
+    shutil.copy(val[0], new / "z.png")
+    shutil.copy(val[1], new / "b" / "a.png")
+    shutil.copy(val[2], new / "b" / "c.png")
+    shutil.copy(val[3], new / ".ipynb_checkpoints" / "z.png")
+    output = folder / "new.json"
+    DetectionCLI(
+        args=[
+            "predict",
+            "--data.class_path=lightning_frozenbn.CocoDetectionDataModule",
+            f"--data.init_args.predict_root={new}",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.num_workers=0",
+            "--model.init_args.box_score_thresh=0.0",  # a 1-epoch model scores below torchvision's 0.05
+            f"--trainer.default_root_dir={folder / 'predict'}",
+            "--trainer.enable_progress_bar=false",
+            f"--prediction_writer.output={output}",
+            f"--ckpt_path={ckpt}",
+        ]
+    )
+    rows = json.loads(output.read_text())
+    files = [str(new / "b" / "a.png"), str(new / "b" / "c.png"), str(new / "z.png")]
+    assert list(dict.fromkeys(r["file"] for r in rows)) == files
+    assert all(r["category"] == str(r["category_id"] - 1) for r in rows)  # the digits set: "0".."9" are ids 1..10
+    model = FrozenBNDetector.load_from_checkpoint(ckpt, box_score_thresh=0.0).eval()
+    with torch.no_grad():
+        expected = [
+            d for batch in (files[:2], files[2:]) for d in model([decode_file(f) for f in batch])
+        ]  # its batches
+    for file, det in zip(files, expected):
+        got = [r for r in rows if r["file"] == file]
+        assert len(got) == len(det["scores"]) > 0
+        for row, box, score, label in zip(got, det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            x0, y0, x1, y1 = box
+            assert row["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=0.01)
+            assert row["score"] == pytest.approx(score, abs=1e-5) and row["category_id"] == label  # ids 1..10
