@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
@@ -501,17 +502,23 @@ def publish_complete(tmp: Path, root: Path, description: str) -> None:
     tree wins and is never deleted; the others drop their own copy.
     """
     (tmp / ".complete").write_text(description + "\n")
-    if (root / ".complete").is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    if root.exists():  # an incomplete leftover of a killed writer
-        shutil.rmtree(root, ignore_errors=True)
-    try:
-        os.replace(tmp, root)
-    except OSError:
-        if not (root / ".complete").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another node replaced it first
+    for _ in range(3):
+        if (root / ".complete").is_file():  # another node (or an earlier run) published it: drop our copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        try:
+            os.replace(tmp, root)  # fails while root is a non-empty folder: never replaces a complete tree
+            return
+        except OSError:
+            if (root / ".complete").is_file():
+                continue
+        # an incomplete leftover of a killed writer: moved aside in one rename before it is deleted, so
+        # nothing is deleted under a path another node may be publishing to at this moment
+        aside = root.with_name(f".{root.name}-stale-{os.getpid()}")
+        with contextlib.suppress(OSError):
+            os.replace(root, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    raise DataError(f"Could not publish {root}: it keeps changing (another writer?). Delete it and rerun.")
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import requires_gpu
@@ -385,7 +387,17 @@ def test_predict_root_reads_any_folder_of_images_in_a_stable_order(tmp_path):
         ImageFolderDataModule(other, class_names=["cat", "dog"]).setup("validate")
 
 
-@pytest.mark.parametrize("when", ["while-writing", "at-the-rename"])
+def test_an_incomplete_tree_of_a_killed_writer_is_replaced(tmp_path):
+    root = tmp_path / "digits"
+    (root / "train" / "3").mkdir(parents=True)
+    (root / "train" / "3" / "half.png").write_bytes(b"\x89PNG half")  # killed mid-write: no .complete marker
+    DigitsDataModule(root=root).prepare_data()
+    assert (root / ".complete").is_file() and len(list(root.rglob("*.png"))) == 1797
+    assert not (root / "train" / "3" / "half.png").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # the leftover moved aside and deleted
+
+
+@pytest.mark.parametrize("when", ["while-writing", "right-after-our-check", "at-the-rename"])
 def test_digits_written_concurrently_keep_the_first_complete_tree(tmp_path, monkeypatch, when):
     """Two nodes on a shared filesystem: the one that finishes second must not delete the first's tree."""
     import os
@@ -406,6 +418,16 @@ def test_digits_written_concurrently_keep_the_first_complete_tree(tmp_path, monk
 
     if when == "while-writing":
         monkeypatch.setattr(data.Image, "fromarray", other_node_finishes(data.Image.fromarray))
+    elif when == "right-after-our-check":  # our look at root/.complete said "not yet"; then it was published
+        is_file = Path.is_file
+
+        def stale_answer(path):
+            if path == root / ".complete" and not raced and any(tmp_path.glob(".digits-*")):
+                other_node_finishes(lambda: None)()
+                return False
+            return is_file(path)
+
+        monkeypatch.setattr(Path, "is_file", stale_answer)
     else:
         monkeypatch.setattr(data.os, "replace", other_node_finishes(os.replace))
     DigitsDataModule(root=root).prepare_data()
