@@ -97,11 +97,13 @@ def main(argv: list[str] | None = None) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         sys.exit('error: matplotlib is not installed; run pip install -e ".[plot]".')
     fig, left = plt.subplots(figsize=(7, 4))
     left.plot(sorted(loss), [loss[e] for e in sorted(loss)], "o-", color="tab:blue", label="train loss (epoch mean)")
     left.set_xlabel("epoch")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_ylabel("train loss", color="tab:blue")
     right = left.twinx()
     right.plot(sorted(val), [val[e] for e in sorted(val)], "s-", color="tab:green", label=metric)
