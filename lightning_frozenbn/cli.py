@@ -92,8 +92,10 @@ class FrozenBNCLI(LightningCLI):
         super().__init__(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Link num_classes; add the checkpoint, guard and prediction-writer groups."""
+        """Link num_classes; default the model class; add the checkpoint, guard and prediction-writer groups."""
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        # `predict --ckpt_path x.ckpt --data...` names no model: the checkpoint's class replaces this default
+        parser.set_defaults({"model": {"class_path": f"{self.default_model.__module__}.{self.default_model.__name__}"}})
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults(self.checkpoint_defaults)
         parser.add_argument(

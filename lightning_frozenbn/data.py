@@ -524,8 +524,12 @@ def publish_complete(tmp: Path, root: Path, description: str) -> None:
 class PredictionWriter(BasePredictionWriter):
     """Write ``file, predicted_class, probability`` rows to a CSV file after ``predict``.
 
+    One file in the dataset's order (sorted paths), whatever the number of processes: under DDP the
+    ranks' rows are gathered and rank 0 writes them, each file once (the distributed sampler may repeat
+    a few to even out the ranks). Written to a temporary file and renamed: never half a file.
+
     Args:
-        output: the CSV path; under DDP each rank writes ``<stem>.rank<N>.csv``.
+        output: the CSV path.
     """
 
     def __init__(self, output: str | Path = "predictions.csv") -> None:
@@ -540,19 +544,24 @@ class PredictionWriter(BasePredictionWriter):
         dataset = (loader[0] if isinstance(loader, list) else loader).dataset
         preds = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
-        path = self.output
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        rows: dict[int, tuple[str, str, str]] = {}
+        for probs, batch_idx in zip(preds, indices):
+            confidence, label = probs.float().max(dim=-1)
+            for i, c, p in zip(batch_idx, label.tolist(), confidence.tolist()):
+                file = dataset.samples[i][0] if hasattr(dataset, "samples") else str(i)
+                name = dataset.classes[c] if hasattr(dataset, "classes") else str(c)
+                rows[int(i)] = (file, name, f"{p:.6f}")
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = {i: row for part in gathered for i, row in part.items()}
+        if trainer.global_rank != 0:
+            return
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.output.with_name(self.output.name + ".tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "predicted_class", "probability"])
-            for probs, batch_idx in zip(preds, indices):
-                confidence, label = probs.float().max(dim=-1)
-                for i, c, p in zip(batch_idx, label.tolist(), confidence.tolist()):
-                    file = dataset.samples[i][0] if hasattr(dataset, "samples") else str(i)
-                    name = dataset.classes[c] if hasattr(dataset, "classes") else str(c)
-                    writer.writerow([file, name, f"{p:.6f}"])
-        os.replace(tmp, path)
-        print(f"Predictions written to {path}")
+            writer.writerows(rows[i] for i in sorted(rows))
+        os.replace(tmp, self.output)
+        print(f"{len(rows)} predictions written to {self.output}")

@@ -215,7 +215,7 @@ def test_user_mistakes_exit_nonzero_without_traceback(tmp_path, capsys, monkeypa
 
 
 @pytest.mark.slow
-def test_multinode_fit_then_ddp_predict_on_cpu(tmp_path):
+def test_multinode_fit_then_ddp_predict_on_cpu(tmp_path, capsys, monkeypatch):
     """fit: the 2-node script (two torchrun launches, gloo); predict: Lightning's own launcher, devices 2.
     Between them both ways of starting DDP from the CLI run on real processes."""
     env = {
@@ -240,16 +240,22 @@ def test_multinode_fit_then_ddp_predict_on_cpu(tmp_path):
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs["node0.log"]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs["node1.log"]  # node 1's process joined as the second rank
     assert "bit-identical at the start of training on all 2 ranks" in logs["node0.log"]
-    # predict under DDP: each rank writes its share; together they cover every file
+    # predict under DDP: the ranks' rows gathered into one file, in the order one process writes them
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     pred = predict(tmp_path, last, "--config", str(ROOT / "configs" / "ddp.yaml"), "--trainer.devices", "2")
     assert pred.returncode == 0, (pred.stdout + pred.stderr)[-3000:]
-    files = set()
-    for rank in (0, 1):
-        rows = list(csv.DictReader(open(tmp_path / f"pred.rank{rank}.csv")))
-        assert rows and all(r["predicted_class"] in {str(d) for d in range(10)} for r in rows)
-        files |= {r["file"] for r in rows}
-    assert files == {str(p) for p in (tmp_path / "digits" / "val").rglob("*.png")}
+    assert not list(tmp_path.glob("pred.rank*.csv"))
+    ddp_rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
+    monkeypatch.chdir(tmp_path)
+    single = [*quickstart_args(tmp_path), "--ckpt_path", str(last), "--prediction_writer.output", "one.csv"]
+    in_process(capsys, "predict", *single)
+    one_rows = list(csv.DictReader(open(tmp_path / "one.csv")))
+    assert len(one_rows) == len(list((tmp_path / "digits" / "val").rglob("*.png")))  # each file once
+    assert [(r["file"], r["predicted_class"]) for r in ddp_rows] == [
+        (r["file"], r["predicted_class"]) for r in one_rows
+    ]
+    for a, b in zip(ddp_rows, one_rows):
+        assert float(a["probability"]) == pytest.approx(float(b["probability"]), abs=1e-4)
 
 
 def test_user_trainer_callbacks_are_kept_beside_the_guard(tmp_path):

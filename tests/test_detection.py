@@ -288,6 +288,29 @@ def test_detect_ddp_two_processes_fit_then_predict_one_coco_results_file(tmp_pat
     for r in rows:
         per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
     assert max(per_image.values()) <= 100  # the 4 images split over 2 ranks, none written twice
+    # new images on 2 ranks: one file, every image once, in path order (5 files: rank 1 gets a repeat)
+    new = tmp_path / "new"
+    new.mkdir()
+    for png in sorted((tmp_path / "dd" / "val").glob("*.png")):
+        shutil.copy(png, new / png.name)
+    unlabelled = [
+        "--data.class_path=lightning_frozenbn.CocoDetectionDataModule",
+        f"--data.init_args.predict_root={new}",
+        "--data.init_args.num_workers=0",
+        "--config",
+        str(ROOT / "configs" / "ddp.yaml"),
+        "--trainer.devices=2",
+        f"--trainer.default_root_dir={tmp_path / 'new_run'}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    output = tmp_path / "new.json"
+    pred = detect(
+        "predict", *unlabelled, "--ckpt_path", str(last), f"--prediction_writer.output={output}", cwd=tmp_path
+    )
+    assert pred.returncode == 0, (pred.stdout + pred.stderr)[-3000:]
+    new_rows = json.loads(output.read_text())
+    assert list(dict.fromkeys(r["file"] for r in new_rows)) == [str(p) for p in sorted(new.glob("*.png"))]
+    assert len(new_rows) == len(rows)  # the same detections as on the annotated split, named by file now
 
 
 @pytest.mark.slow
