@@ -7,6 +7,7 @@ from lightning_frozenbn.data import DataError, DigitsDataModule, ImageFolderData
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.ema import FrozenEMA
 from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, find_frozen_modules, is_frozen_norm
+from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
 from lightning_frozenbn.module import FrozenBNClassifier, FrozenBNModule
 from lightning_frozenbn.norm import (
     FoldedConv2d,
@@ -19,6 +20,7 @@ from lightning_frozenbn.norm import (
     to_batchnorm,
     unfold_frozen_batchnorm,
 )
+from lightning_frozenbn.parser import ConciseErrorsParser
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "CheckpointError",
     "CocoDetectionDataModule",
+    "ConciseErrorsParser",
     "CocoResultsWriter",
     "DataError",
     "DigitsDataModule",
@@ -45,6 +48,8 @@ __all__ = [
     "FrozenStateViolation",
     "ResNetBackbone",
     "ResumableCheckpoint",
+    "RunCSVLogger",
+    "RunTensorBoardLogger",
     "ResNetHead",
     "StatsFrozenBatchNorm2d",
     "WeightsMismatchError",

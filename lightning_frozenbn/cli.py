@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 import pydoc
-import re
 import sys
-import textwrap
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from jsonargparse import lazy_instance
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
@@ -20,7 +17,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
-from typing_extensions import override
 
 from lightning_frozenbn.backbone import WeightsMismatchError, eval_resize_for
 from lightning_frozenbn.checkpoint import AtomicCheckpointIO, CheckpointError, ResumableCheckpoint
@@ -30,6 +26,7 @@ from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, GuardConfigError
 from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
 from lightning_frozenbn.module import FrozenBNClassifier, check_checkpoint_kind, saved_model_class
+from lightning_frozenbn.parser import ConciseErrorsParser
 
 __all__ = ["DetectionCLI", "FrozenBNCLI", "detect_main", "main"]
 
@@ -88,7 +85,7 @@ class FrozenBNCLI(LightningCLI):
             **kwargs.get("trainer_defaults", {}),
         }
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_class", _Parser)
+        kwargs.setdefault("parser_class", ConciseErrorsParser)
         super().__init__(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -172,7 +169,7 @@ class FrozenBNCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as err:
-            self.parser.error(str(err))  # _Parser.error finds the line that matters
+            self.parser.error(str(err))  # ConciseErrorsParser.error finds the line that matters
 
     def after_instantiate_classes(self) -> None:
         """A checkpoint trained on another number of classes than the data has is a clear error."""
@@ -339,67 +336,6 @@ def _default_loggers() -> list[dict[str, str]]:
         loggers.append({"class_path": f"{RunTensorBoardLogger.__module__}.{RunTensorBoardLogger.__name__}"})
         break
     return loggers
-
-
-class _Parser(LightningArgumentParser):
-    """LightningCLI's parser, whose errors lead with the key and value at fault (see :func:`_concise`)."""
-
-    @override
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        super().error(_concise(message), ex)
-
-    @override
-    def print_usage(self, file: Any = None) -> None:
-        """One line: the full usage lists every Trainer flag (~60 lines) above the error; ``--help`` has it."""
-        (file or sys.stdout).write(f"usage: {self.prog} [options]\n")
-
-
-_UNION = "Does not validate against any of the Union subtypes"
-
-
-def _concise(message: str) -> str:
-    """Jsonargparse's report of a bad value inside a union, as one line: ``key: what was expected, got what``.
-
-    A model, data module or callback given by ``class_path`` is a union with None to jsonargparse, as
-    are many Trainer flags, so a typo there is reported as every subtype's failure plus the whole given
-    value: ``model.init_args.norm: Expected a typing.Literal['frozen', 'eval', 'train', 'sync']. Got
-    value: frozn`` is in there, under a dozen lines of the parser's bookkeeping.
-    """
-    if _UNION not in message:
-        return message
-    head, _, rest = message.partition(_UNION)
-    rest = textwrap.dedent(rest)
-    keys = re.findall(r'Parser key "([^"]+)"', head)
-    errors = rest.partition("\nErrors:\n")[2].partition("\nGiven value type:")[0]
-    given = rest.rpartition("\nGiven value: ")[2].strip()
-    bullets = [b.strip() for b in re.split(r"\n {0,4}- ", "\n" + textwrap.dedent(errors)) if b.strip()]
-    bullets = [b for b in bullets if b != "Expected a <class 'NoneType'>"]
-    if bullets and all(b.startswith("Expected a ") and "\n" not in b for b in bullets):
-        expected = " or ".join(b.removeprefix("Expected a ") for b in bullets)
-        return _readable(f"{'.'.join(keys) or 'value'}: expected {expected}; got {given}")
-    if len(bullets) != 1:
-        return message
-    lines = [line.strip() for line in bullets[0].splitlines() if line.strip()]
-    owner = re.match(r"Problem with given class_path '([^']+)':", lines[0])
-    if owner:
-        lines = lines[1:]
-        keys.append("init_args")
-    inner = [line for line in lines if not re.fullmatch(r'Parser key "[^"]+":', line)]
-    keys += [k for line in lines for k in re.findall(r'^Parser key "([^"]+)":$', line)]
-    text = _concise("\n".join(inner)) if _UNION in "\n".join(inner) else " ".join(inner)
-    unknown = re.fullmatch(r"Option '([^']+)' is not accepted", text)
-    cls = pydoc.locate(owner.group(1)) if owner and unknown else None
-    if unknown and isinstance(cls, type):
-        close = difflib.get_close_matches(unknown.group(1), list(inspect.signature(cls).parameters), n=1)
-        text += f". Did you mean {close[0]!r}?" if close else f". See `{cls.__name__}`'s arguments in --help."
-    where = f" ({owner.group(1)})" if owner else ""
-    return _readable(f"{'.'.join(keys)}{where}: {text}" if keys else text)
-
-
-def _readable(text: str) -> str:
-    """Type names as a user reads them: ``one of ['a', 'b']`` for ``a typing.Literal['a', 'b']``, ``type int``."""
-    text = re.sub(r"(?:\ba )?typing\.Literal\[", "one of [", text)
-    return re.sub(r"(?:\ba )?<class '(\w+)'>", r"type \1", text)
 
 
 def _message(err: Exception) -> str:
