@@ -578,6 +578,12 @@ class CocoResultsWriter(BasePredictionWriter):
         os.replace(tmp, self.output)
         where = f"{len(by_image)} files" if files is not None else f"{len(by_image)} images"
         print(f"{len(results)} detections on {where} written to {self.output}")
+        thresh = getattr(getattr(pl_module, "roi_heads", None), "score_thresh", None)
+        if not results and thresh:  # an empty file is easy to mistake for a broken run
+            print(
+                f"No region scored above box_score_thresh={thresh}: lower it with "
+                "--model.init_args.box_score_thresh (e.g. 0.01) to see the model's best guesses."
+            )
 
 
 def _nested(values: Any) -> bool:

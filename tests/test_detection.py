@@ -401,7 +401,7 @@ def test_run_settings_given_to_a_checkpoint_command_beat_the_checkpoints(tiny_fi
     assert model.hparams.roi_output_size == 6  # the checkpoint's architecture
 
 
-def test_predict_on_new_images_names_each_file_with_the_checkpoints_categories(tiny_fit):
+def test_predict_on_new_images_names_each_file_with_the_checkpoints_categories(tiny_fit, capsys):
     """No annotation file at predict time: the categories come from the checkpoint, rows name the files (in
     path order, hidden files skipped), and each file's detections are what the model finds on that file."""
     from lightning_frozenbn.decode import decode_file
@@ -416,20 +416,24 @@ def test_predict_on_new_images_names_each_file_with_the_checkpoints_categories(t
     shutil.copy(val[2], new / "b" / "c.png")
     shutil.copy(val[3], new / ".ipynb_checkpoints" / "z.png")
     output = folder / "new.json"
-    DetectionCLI(
-        args=[
-            "predict",
-            "--data.class_path=lightning_frozenbn.CocoDetectionDataModule",
-            f"--data.init_args.predict_root={new}",
-            "--data.init_args.batch_size=2",
-            "--data.init_args.num_workers=0",
-            "--model.init_args.box_score_thresh=0.0",  # a 1-epoch model scores below torchvision's 0.05
-            f"--trainer.default_root_dir={folder / 'predict'}",
-            "--trainer.enable_progress_bar=false",
-            f"--prediction_writer.output={output}",
-            f"--ckpt_path={ckpt}",
-        ]
+    args = [
+        "predict",
+        "--data.class_path=lightning_frozenbn.CocoDetectionDataModule",
+        f"--data.init_args.predict_root={new}",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0",
+        f"--trainer.default_root_dir={folder / 'predict'}",
+        "--trainer.enable_progress_bar=false",
+        f"--prediction_writer.output={output}",
+        f"--ckpt_path={ckpt}",
+    ]
+    capsys.readouterr()
+    DetectionCLI(args=[*args, "--model.init_args.box_score_thresh=1.0"])  # nothing scores above 1
+    assert (
+        json.loads(output.read_text()) == []
+        and "No region scored above box_score_thresh=1.0" in capsys.readouterr().out
     )
+    DetectionCLI(args=[*args, "--model.init_args.box_score_thresh=0.0"])  # a 1-epoch model scores below 0.05
     rows = json.loads(output.read_text())
     files = [str(new / "b" / "a.png"), str(new / "b" / "c.png"), str(new / "z.png")]
     assert list(dict.fromkeys(r["file"] for r in rows)) == files
