@@ -20,10 +20,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from lightning_frozenbn.data import EpochShuffleSampler, _visible_image, publish_complete
+from lightning_frozenbn.data import EpochShuffleSampler, gather_to_rank_zero, predict_files, publish_complete
 from lightning_frozenbn.decode import DataError, decode_file
 
 __all__ = ["CocoDetectionDataModule", "CocoResultsWriter", "DigitsDetectionDataModule", "collate_detection"]
@@ -183,11 +182,7 @@ class _UnlabelledImages(Dataset):
     """Every visible image file under ``root``, recursively, in sorted path order: ``(uint8 image, {})``."""
 
     def __init__(self, root: Path) -> None:
-        if not root.is_dir():
-            raise DataError(f"predict_root {str(root)!r} does not exist: point it at a folder of images.")
-        self.files = [str(p) for p in sorted(root.rglob("*")) if p.is_file() and _visible_image(p, root)]
-        if not self.files:
-            raise DataError(f"predict_root {str(root)!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)}).")
+        self.files = predict_files(root)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -381,10 +376,6 @@ def _checked_categories(categories: list[dict[str, Any]]) -> list[dict[str, Any]
     return out
 
 
-def _by_id(category: dict[str, Any]) -> int:
-    return category["id"]
-
-
 class DigitsDetectionDataModule(CocoDetectionDataModule):
     """An offline detection set from scikit-learn's real handwritten digits pasted on black canvases.
 
@@ -560,13 +551,7 @@ class CocoResultsWriter(BasePredictionWriter):
                     row["bbox"] = [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
                     row["score"] = round(score, 5)
                     rows.append(row)
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, by_image)
-            by_image = {}
-            for part in gathered:  # the distributed sampler repeats a few images to even out the ranks: once each
-                for image, rows in part.items():
-                    by_image.setdefault(image, rows)
+        by_image = gather_to_rank_zero(trainer, by_image)
         if files is not None:  # the order of the folder, whatever rank predicted what
             by_image = {f: by_image[f] for f in files if f in by_image}
         results = [row for rows in by_image.values() for row in rows]

@@ -101,14 +101,37 @@ class _ImageFolder(ImageFolder):
         return ImageFolder.make_dataset(directory, class_to_idx, None, visible_image, allow_empty)
 
 
+def predict_files(root: Path) -> list[str]:
+    """Every visible image file under ``predict_root``, recursively, in sorted path order (never empty)."""
+    if not root.is_dir():
+        raise DataError(f"predict_root {str(root)!r} does not exist: point it at a folder of images.")
+    files = [str(p) for p in sorted(root.rglob("*")) if p.is_file() and _visible_image(p, root)]
+    if not files:
+        raise DataError(f"predict_root {str(root)!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)}).")
+    return files
+
+
+def gather_to_rank_zero(trainer: pl.Trainer, rows: dict[Any, Any]) -> dict[Any, Any]:
+    """Every rank's ``rows`` merged under DDP, each key once (the first rank's value).
+
+    The distributed sampler repeats a few items to even out the ranks; a repeat must not be written twice.
+    """
+    if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+        return rows
+    gathered: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, rows)
+    merged: dict[Any, Any] = {}
+    for part in gathered:
+        for key, value in part.items():
+            merged.setdefault(key, value)
+    return merged
+
+
 class _UnlabelledImages(Dataset):
     """Every visible image file under ``root``, recursively, in sorted path order; labels are -1."""
 
     def __init__(self, root: Path, classes: list[str], loader: Any, transform: Any) -> None:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and _visible_image(p, root))
-        if not files:
-            raise DataError(f"predict_root {str(root)!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)}).")
-        self.samples = [(str(p), -1) for p in files]
+        self.samples = [(file, -1) for file in predict_files(root)]
         self.classes, self.loader, self.transform = classes, loader, transform
 
     def __len__(self) -> int:
@@ -374,8 +397,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 self.datasets["predict"] = self._unlabelled(self.predict_root)
 
     def _unlabelled(self, root: Path) -> _UnlabelledImages:
-        if not root.is_dir():
-            raise DataError(f"predict_root {str(root)!r} does not exist: point it at a folder of images.")
         return _UnlabelledImages(root, self.classes, *self._file_reader(train=False))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -551,10 +572,7 @@ class PredictionWriter(BasePredictionWriter):
                 file = dataset.samples[i][0] if hasattr(dataset, "samples") else str(i)
                 name = dataset.classes[c] if hasattr(dataset, "classes") else str(c)
                 rows[int(i)] = (file, name, f"{p:.6f}")
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = {i: row for part in gathered for i, row in part.items()}
+        rows = gather_to_rank_zero(trainer, rows)
         if trainer.global_rank != 0:
             return
         self.output.parent.mkdir(parents=True, exist_ok=True)
