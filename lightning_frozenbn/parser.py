@@ -24,7 +24,19 @@ class ConciseErrorsParser(LightningArgumentParser):
 
     @override
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        super().error(_concise(message), ex)
+        super().error(self._suggest(_concise(message)), ex)
+
+    def _suggest(self, message: str) -> str:
+        """``unrecognized arguments: --trainer.max_epocs 3`` gets ``Did you mean '--trainer.max_epochs'?``."""
+        unknown = re.match(r"unrecognized arguments: (--[\w.]+)", message)
+        if unknown is None:
+            return message
+        options = list(self._option_string_actions)
+        for action in self._actions:  # the subcommands' own options (fit, validate, ...)
+            for sub in (action.choices or {}).values() if isinstance(action.choices, dict) else ():
+                options += list(getattr(sub, "_option_string_actions", {}))
+        close = difflib.get_close_matches(unknown.group(1), options, n=1)
+        return f"{message}. Did you mean {close[0]!r}?" if close else message
 
     @override
     def print_usage(self, file: Any = None) -> None:

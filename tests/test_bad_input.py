@@ -15,7 +15,7 @@ no traceback and not buried under jsonargparse's union dump, and leaves the file
 | 10 | config     | `backbone_lr_mult: -1`                             | value + ">= 0"                    |
 | 11 | config     | invalid trainer precision `bf17`                   | the value + accepted ones         |
 | 12 | CLI flags  | unknown subcommand `train`                         | the choice list                   |
-| 13 | CLI flags  | unknown trainer flag `--trainer.max_epocs`         | the flag                          |
+| 13 | CLI flags  | unknown trainer flag `--trainer.max_epocs`         | the flag + "Did you mean"         |
 | 14 | callback   | guard `on_violation: ignore`                       | value + raise/warn/restore        |
 | 15 | callback   | guard `modules` naming a missing module            | name + close match                |
 | 16 | callback   | guard `modules` naming a trainable module          | name + "Freeze it first"          |
@@ -122,7 +122,7 @@ def case(world, name):
         "lr-mult-negative": (["--model.init_args.backbone_lr_mult", "-1"], ["backbone_lr_mult=-1", ">= 0"]),
         "bad-precision": (["--trainer.precision", "bf17"], ["trainer.precision", "'bf16-mixed'", "bf17"]),
         "bad-subcommand": (["train"], ["train", "fit"]),
-        "unknown-trainer-flag": (["--trainer.max_epocs", "3"], ["max_epocs"]),
+        "unknown-trainer-flag": (["--trainer.max_epocs", "3"], ["max_epocs", "Did you mean '--trainer.max_epochs'"]),
         "guard-on-violation": (
             ["--guard.init_args.on_violation", "ignore"],
             ["guard.init_args.on_violation", "ignore", "raise"],

@@ -21,8 +21,9 @@ from lightning_frozenbn import ConciseErrorsParser
             "Got value: three",
         ),
         (["--trainer.precision", "bf17"], "error: trainer.precision: expected type int or one of ["),
+        (["--trainer.max_epocs", "3"], "error: unrecognized arguments: --trainer.max_epocs 3. Did you mean"),
     ],
-    ids=["unknown-key", "wrong-type", "trainer-flag"],
+    ids=["unknown-key", "wrong-type", "trainer-flag", "unknown-trainer-flag"],
 )
 def test_a_bad_value_is_one_line_naming_the_key(args, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -38,4 +39,4 @@ def test_a_bad_value_is_one_line_naming_the_key(args, expected, capsys):
     assert expected in err and "Union subtypes" not in err and "Given value" not in err, err
     usage, tip, error = err.strip().splitlines()[-3:]
     assert usage.endswith("fit [options]") and tip.startswith("tip:") and error.startswith("error:")
-    assert "--trainer.max_epochs" not in err  # the full usage (every Trainer flag) is in --help, not here
+    assert "[--trainer.max_epochs" not in err  # the full usage (every Trainer flag) is in --help, not here
