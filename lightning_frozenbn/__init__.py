@@ -6,7 +6,14 @@ from lightning_frozenbn.coco import CocoDetectionDataModule, CocoResultsWriter, 
 from lightning_frozenbn.data import DataError, DigitsDataModule, ImageFolderDataModule, PredictionWriter
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.ema import FrozenEMA
-from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, find_frozen_modules, is_frozen_norm
+from lightning_frozenbn.guard import (
+    FrozenModuleGuard,
+    FrozenStateViolation,
+    GuardConfigError,
+    eval_subtrees,
+    find_frozen_modules,
+    is_frozen_norm,
+)
 from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
 from lightning_frozenbn.module import FrozenBNClassifier, FrozenBNModule
 from lightning_frozenbn.norm import (
@@ -46,6 +53,7 @@ __all__ = [
     "FrozenEMA",
     "FrozenModuleGuard",
     "FrozenStateViolation",
+    "GuardConfigError",
     "ResNetBackbone",
     "ResumableCheckpoint",
     "RunCSVLogger",
@@ -56,6 +64,7 @@ __all__ = [
     "build_resnet",
     "calibrate_bn",
     "convert_frozen_batchnorm",
+    "eval_subtrees",
     "find_frozen_modules",
     "is_frozen_norm",
     "fold_frozen_batchnorm",

@@ -22,6 +22,7 @@ __all__ = [
     "FrozenModuleGuard",
     "FrozenStateViolation",
     "GuardConfigError",
+    "eval_subtrees",
     "find_frozen_modules",
     "fingerprint",
     "is_frozen_norm",
@@ -112,6 +113,36 @@ def find_frozen_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def eval_subtrees(model: nn.Module, guarded: set[str]) -> dict[str, nn.Module]:
+    """The largest subtrees below ``model`` whose every tensor is in ``guarded`` (and that hold at least one).
+
+    These are what "frozen" means for train/eval mode: every module inside them (Dropout, ReLU and
+    containers too) runs in eval. The root itself is never one (the LightningModule follows the
+    Trainer), nor is a module with a trainable or released tensor anywhere below it, nor a module that
+    holds no tensor at all outside such a subtree (a Dropout beside trainable layers follows its parent).
+    """
+    fully: dict[str, bool] = {}
+
+    def visit(module: nn.Module, name: str) -> tuple[bool, bool]:
+        own = [k for k, t in module.named_parameters(recurse=False)] + [
+            k for k, t in module.named_buffers(recurse=False) if t is not None
+        ]
+        holds = bool(own)
+        inside = all((f"{name}.{k}" if name else k) in guarded for k in own)
+        for child_name, child in module.named_children():
+            child_holds, child_inside = visit(child, f"{name}.{child_name}" if name else child_name)
+            holds, inside = holds or child_holds, inside and child_inside
+        fully[name] = holds and inside
+        return holds, inside
+
+    visit(model, "")
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if name and fully.get(name) and not any(_under(name, f) for f in found):
+            found[name] = module
+    return found
+
+
 class FrozenModuleGuard(Callback):
     r"""Keep frozen modules in eval mode and prove that their tensors stay bit-identical.
 
@@ -123,20 +154,25 @@ class FrozenModuleGuard(Callback):
     * finds the frozen modules (``modules`` if given, else every maximal submodule whose parameters
       are all frozen, plus every frozen norm layer, see :func:`is_frozen_norm`) and logs a freeze
       report when training starts;
-    * puts them in eval mode at ``on_train_start`` (after Lightning's "modules in eval mode" check, so
+    * puts the largest fully frozen subtrees below the LightningModule in eval mode (Dropout and
+      containers inside them too; never the LightningModule itself, nor a module with a trainable
+      part, see :func:`eval_subtrees`) at ``on_train_start`` (after Lightning's "modules in eval mode" check, so
       that warning is not raised for them) and again at the start of every epoch and every training
       batch. The start of a training batch is the last point a *callback hook* can act, so during fit
       the guard also installs a forward pre-hook on each frozen BN/Dropout layer that switches it back
       to eval right before it runs: even a ``self.train()`` inside ``training_step`` cannot put a frozen
       BN in train mode. The hooks are removed at ``teardown``;
     * keeps an exact copy of every frozen parameter and buffer and checks each bit for bit after every
-      training epoch, every ``every_n_train_steps`` steps if set, and when training ends; under DDP it
+      training epoch, every ``every_n_train_steps`` steps if set, and at ``on_fit_end``, after every callback's
+      ``on_train_end`` (Lightning's ``EMAWeightAveraging`` copies its average in there); under DDP it
       also checks that all ranks hold the same frozen state. A change is reported with the tensor's
       name, the max abs difference, the number of changed elements and the rank. The decision is
       reduced over ranks, so every rank stops together;
     * lets tensors go deliberately: when a ``BaseFinetuning`` callback (``BackboneFinetuning`` or a
       subclass) unfreezes modules and gives their parameters to the optimizer, or when user code calls
-      :meth:`release`, they are verified one last time and then no longer guarded (nor kept in eval).
+      :meth:`release`, they are verified one last time and then no longer guarded; every module that
+      is no longer inside a fully frozen subtree (the released layers and the Dropout, ReLU and
+      containers around them) takes the LightningModule's mode again and loses its eval hook.
       :meth:`protect` does the reverse for modules frozen mid-run. A ``requires_grad`` switched on by
       anything else is a violation;
     * stores checksums of the *original* reference (and the released and protected sets) in the
@@ -186,6 +222,7 @@ class FrozenModuleGuard(Callback):
         self.check_ranks = check_ranks
         self.every_n_train_steps = every_n_train_steps
         self._frozen: dict[str, nn.Module] = {}
+        self._eval_roots: dict[str, nn.Module] = {}  # the largest fully guarded subtrees: forced to eval
         self._eval_modules: list[nn.Module] = []
         self._tensors: dict[str, Tensor] = {}
         self._frozen_params: dict[str, nn.Parameter] = {}
@@ -205,6 +242,7 @@ class FrozenModuleGuard(Callback):
         self._trainer: pl.Trainer | None = None
         self._wrapped: list[BaseFinetuning] = []
         self._releasing: set[str] = set()
+        self._training_started = False
 
     @property
     @override
@@ -254,7 +292,6 @@ class FrozenModuleGuard(Callback):
         tensors: dict[str, Tensor] = {}
         params: dict[str, nn.Parameter] = {}
         owners: dict[str, nn.Module] = {}
-        eval_modules: list[nn.Module] = []
         for root_name, root in self._frozen.items():
             for sub_name, module in root.named_modules(prefix=root_name):
                 own = [
@@ -264,9 +301,6 @@ class FrozenModuleGuard(Callback):
                     (f"{sub_name}.{k}" if sub_name else k, t, False) for k, t in module.named_buffers(recurse=False)
                 ]
                 kept = [(n, t, is_param) for n, t, is_param in own if n not in self._released and t is not None]
-                if own and not kept:
-                    continue  # released as a whole: it trains as its owner intends
-                eval_modules.append(module)
                 for name, t, is_param in kept:
                     tensors[name], owners[name] = t, module
                     if is_param:
@@ -278,7 +312,9 @@ class FrozenModuleGuard(Callback):
                     if f"{name}.{key}" not in self._released:
                         tensors.setdefault(f"{name}.{key}", getattr(module, key))
                         owners.setdefault(f"{name}.{key}", module)
-        self._tensors, self._frozen_params, self._owners, self._eval_modules = tensors, params, owners, eval_modules
+        self._tensors, self._frozen_params, self._owners = tensors, params, owners
+        self._eval_roots = eval_subtrees(pl_module, set(tensors))
+        self._eval_modules = _modules_of(self._eval_roots)
 
     def _install_hooks(self) -> None:
         self._remove_hooks()
@@ -352,6 +388,7 @@ class FrozenModuleGuard(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_load_hook()
         self._trainer = trainer
+        self._training_started = True
         self._collect(pl_module)
         self._set_eval()
         self._install_hooks()
@@ -396,15 +433,17 @@ class FrozenModuleGuard(Callback):
         self._verify(trainer, f"epoch {trainer.current_epoch}", epoch_end=True)
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The final state is always proven: skipped only when the last step was just verified (Lightning
-        # 2.6 still runs the epoch-end hook when max_steps stops an endless epoch; this covers any stop
-        # that does not, such as a callback setting `trainer.should_stop` mid-epoch in a future version).
-        if trainer.global_step != self._last_verified_step:
-            self._verify(trainer, f"the end of training (global step {trainer.global_step})")
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The last word, after every callback's on_train_end whatever the callback order: Lightning's
+        # EMAWeightAveraging copies its average into the model there, which moves frozen tensors by
+        # rounding. Always run, even right after an epoch-end check (that one ran before those hooks).
+        if self._training_started:
+            self._verify(trainer, f"the end of fit (global step {trainer.global_step}, after every on_train_end)")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._training_started = False
         self._remove_hooks()
         self._remove_load_hook()
         self._unwrap_finetuning_callbacks()
@@ -538,20 +577,26 @@ class FrozenModuleGuard(Callback):
                     self._releasing = set()
         if not names:
             return
-        owners = {id(self._owners[n]): self._owners[n] for n in names}
         for name in names:
             for table in (self._tensors, self._frozen_params, self._owners, self._reference, self._reference_checksums):
                 table.pop(name, None)
             self._released[name] = epoch
-        still = {id(o) for o in self._owners.values()}
-        mode = trainer.lightning_module.training if trainer is not None else True
-        freed = [o for key, o in owners.items() if key not in still]
-        for module in freed:
-            module.train(mode)  # it trains as its owner intends: BN statistics update again if tracked
+        # What the release frees is every module no longer inside a fully guarded subtree: the layers
+        # that owned the tensors, and the Dropout, ReLU and containers around them. They take the
+        # LightningModule's mode (BN statistics update again if tracked) and lose their eval hooks.
+        before = self._eval_modules
+        root = trainer.lightning_module if trainer is not None else None
+        self._eval_roots = eval_subtrees(root, set(self._tensors)) if root is not None else {}
+        self._eval_modules = _modules_of(self._eval_roots)
+        still = {id(m) for m in self._eval_modules}
+        mode = root.training if root is not None else True
+        for module in before:
+            if id(module) in still:
+                continue
+            module.training = mode
             handle = self._hooks.pop(module, None)
             if handle is not None:
                 handle.remove()
-        self._eval_modules = [m for m in self._eval_modules if all(m is not f for f in freed)]
         shown = _summarise(names)
         rank_zero_info(
             f"FrozenModuleGuard: {by} released {len(names)} tensors at epoch {epoch} ({shown}); verified "
@@ -643,6 +688,8 @@ class FrozenModuleGuard(Callback):
         lines = []
         for name, live in self._tensors.items():
             ref = self._reference[name]
+            if ref.device != live.device:  # at on_fit_end a GPU strategy has moved the model to the CPU
+                ref = ref.to(live.device)
             if live.shape != ref.shape or live.dtype != ref.dtype:
                 lines.append(
                     f"{name}: shape/dtype changed {tuple(ref.shape)} {ref.dtype} -> {tuple(live.shape)} {live.dtype}"
@@ -670,8 +717,7 @@ class FrozenModuleGuard(Callback):
         diverged: list[str] = []
         if world > 1 and self.check_ranks:
             self._check_same_names(trainer, list(self._tensors), "guarded")  # same shapes for the gather
-            device = next(iter(self._tensors.values())).device if self._tensors else torch.device("cpu")
-            mine = fingerprint(list(self._tensors.values())).to(device)
+            mine = fingerprint(list(self._tensors.values())).to(trainer.strategy.root_device)
             gathered = trainer.strategy.all_gather(mine)
             names = list(self._tensors)
             for r in range(1, world):
@@ -750,6 +796,13 @@ class FrozenModuleGuard(Callback):
                 "BaseFinetuning.freeze(train_bn=False) sets it): in train mode they would normalise with each "
                 "batch's statistics; under the guard they run in eval mode with their running statistics."
             )
+        forced = list(self._eval_roots)
+        shown = ", ".join(forced[:6]) + (" ..." if len(forced) > 6 else "")
+        extra += (
+            f"\n  forced to eval mode: {len(forced)} fully frozen subtrees ({len(self._eval_modules)} modules)"
+            + (f": {shown}" if forced else "")
+            + "; the LightningModule and every module with a trainable part follow the Trainer's mode"
+        )
         if self._released:
             released = _summarise(list(self._released))
             extra += f"\n  not guarded: {len(self._released)} tensors released at earlier epochs ({released})"
@@ -758,6 +811,15 @@ class FrozenModuleGuard(Callback):
             f"put them in eval mode at train start (Lightning's eval-mode warning does not apply to these).\n"
             f"  {'module':<32} {'type':<24} {'params':>11} {'buffers':>10}  mode\n" + "\n".join(rows) + extra
         )
+
+
+def _modules_of(roots: dict[str, nn.Module]) -> list[nn.Module]:
+    """Every module inside the given subtrees, each once."""
+    seen: dict[int, nn.Module] = {}
+    for root in roots.values():
+        for module in root.modules():
+            seen.setdefault(id(module), module)
+    return list(seen.values())
 
 
 def _summarise(names: list[str], limit: int = 4) -> str:

@@ -716,7 +716,7 @@ class Endless(torch.utils.data.IterableDataset):
 
 def test_an_endless_epoch_is_verified_at_its_last_step(tmp_path, caplog):
     """An IterableDataset without end, stopped by max_steps: the final state is proven at the last step
-    (Lightning 2.6 still runs the epoch-end hook there; on_train_end verifies if it did not), and a
+    (Lightning 2.6 still runs the epoch-end hook there; on_fit_end verifies again in any case), and a
     change made in that very last step is caught."""
     guard = FrozenModuleGuard()
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
@@ -810,3 +810,116 @@ def test_other_libraries_frozen_bn_is_guarded(tmp_path, library, layers, tensor)
         trainer(tmp_path, [FrozenModuleGuard(), MoveStats(tensor)], max_epochs=1, limit_train_batches=1).fit(
             Wrapped(library), tiny_loader(n=4)
         )
+
+
+# ---- patterns from Lightning's own tests (issue 21): a release means train like the rest ---------------
+class DropoutBackbone(pl.LightningModule):
+    """Lightning's finetuning test model: a backbone (Linear, ReLU, Dropout) that BackboneFinetuning unfreezes."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.5))
+        self.head = nn.Linear(8, 4)
+        self.modes = {}  # epoch -> (backbone.training, dropout.training) seen inside training_step
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self(batch[0].flatten(1)[:, :8]), batch[1])
+        self.modes[self.current_epoch] = (self.backbone.training, self.backbone[2].training)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(filter(lambda p: p.requires_grad, self.parameters()), lr=0.1)
+
+
+@pytest.mark.parametrize("guard_first", [True, False], ids=["guard-first", "guard-last"])
+def test_a_released_backbone_and_its_dropout_train_after_the_release(tmp_path, caplog, guard_first):
+    model, guard = DropoutBackbone(), FrozenModuleGuard()
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1)
+    callbacks = [guard, finetuning] if guard_first else [finetuning, guard]
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer(tmp_path, callbacks, max_epochs=3).fit(model, tiny_loader(n=8))
+    assert model.modes[0] == (False, False)  # frozen: the whole backbone, Dropout included, in eval
+    assert model.modes[1] == (True, True) and model.modes[2] == (True, True)  # released: trains like the rest
+    assert not model.backbone[2]._forward_pre_hooks
+    report = next(r.getMessage() for r in caplog.records if "guarding" in r.getMessage())
+    assert "forced to eval mode: 1 fully frozen subtrees (4 modules): backbone" in report
+
+
+class AllFrozenAtStart(BaseFinetuning):
+    """Lightning's test_base_finetuning_internal_optimizer_metadata pattern: every parameter frozen at start."""
+
+    def freeze_before_training(self, pl_module):
+        self.freeze(pl_module.layer, train_bn=False)
+
+    def finetune_function(self, pl_module, epoch, optimizer):
+        if epoch == 0:
+            self.unfreeze_and_add_param_group(pl_module.layer[3], optimizer)
+        if epoch == 1:
+            self.unfreeze_and_add_param_group(pl_module.layer[:2], optimizer)  # Linear + BatchNorm1d, train_bn
+
+
+class WholeModel(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+        self.modes, self.means = {}, {}
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def training_step(self, batch, batch_idx):
+        self.modes[self.current_epoch] = (self.training, self.layer.training, self.layer[1].training)
+        return F.cross_entropy(self(batch[0].flatten(1)[:, :8]), batch[1])
+
+    def on_train_epoch_end(self):
+        self.means[self.current_epoch] = self.layer[1].running_mean.clone()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.layer[3].parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("guard_first", [True, False], ids=["guard-first", "guard-last"])
+def test_the_lightning_module_is_never_put_in_eval_and_a_released_bn_trains(tmp_path, guard_first):
+    model, guard = WholeModel(), FrozenModuleGuard()
+    start = model.layer[1].running_mean.clone()
+    callbacks = [guard, AllFrozenAtStart()] if guard_first else [AllFrozenAtStart(), guard]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The provided params to be frozen already")
+        trainer(tmp_path, callbacks, max_epochs=3).fit(model, tiny_loader(n=8))
+    assert model.modes[0] == (True, True, False)  # the root and the released head's container train; BN guarded
+    assert model.modes[1] == (True, True, True) and model.modes[2] == (True, True, True)
+    assert torch.equal(model.means[0], start)  # guarded in epoch 0
+    assert not torch.equal(model.means[1], start)  # released with train_bn: its statistics move
+    assert guard.frozen_tensor_names == [] and "layer.1.running_mean" in guard.released_tensor_names
+
+
+@pytest.mark.parametrize("guard_first", [True, False], ids=["guard-first", "guard-last"])
+def test_lightnings_ema_copying_into_frozen_tensors_at_train_end_is_reported(tmp_path, guard_first):
+    """EMAWeightAveraging copies its average into the model in on_train_end, after the last epoch check:
+    0.9 * x + 0.1 * x is not x in floating point, so frozen tensors move. The guard has the last word."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    ema = EMAWeightAveraging(decay=0.9)
+    guard = FrozenModuleGuard()
+    callbacks = [guard, ema] if guard_first else [ema, guard]
+    with pytest.raises(FrozenStateViolation, match=r"at the end of fit \(global step 8.*\n  rank 0: stem\.0\.weight: "):
+        trainer(tmp_path, callbacks, max_epochs=2).fit(FinetuneNet(), tiny_loader(n=16))
+    assert guard.epochs_verified == 2  # every epoch-end check passed: only the copy at train end moved them
+
+
+def test_eval_subtrees_are_the_largest_fully_guarded_ones_below_the_root():
+    from lightning_frozenbn import eval_subtrees
+
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout()),  # 0: all guarded
+        nn.Sequential(nn.Conv2d(4, 4, 3), nn.Dropout(), nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())),  # 1: conv trains
+        nn.Dropout(),  # 2: no tensor, beside trainable layers
+    )
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    assert list(eval_subtrees(model, names)) == ["0", "1"]  # never the root, even when everything is guarded
+    partly = {n for n in names if not n.startswith("1.0.")}
+    assert list(eval_subtrees(model, partly)) == ["0", "1.2"]  # not 1 (its conv), not 1.1 (a Dropout alone)
+    assert list(eval_subtrees(model, partly - {"0.1.running_var"})) == ["0.0", "1.2"]
