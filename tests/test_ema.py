@@ -53,7 +53,9 @@ def test_lightnings_own_ema_moves_frozen_tensors(tmp_path):
     """Why FrozenEMA exists: 0.9 * x + 0.1 * x is not x in floating point (0.5 would hide it: exact). The
     averaged weights, which validation, the end of training and the checkpoint's state_dict use, drift; the
     guard's check at the end of fit reports the copy (it raises by default; "warn" here to look further)."""
-    with pytest.warns(UserWarning, match=r"at the end of fit(.|\n)*backbone\.conv1\.weight: \d+ of 9408 elements changed"):
+    with pytest.warns(
+        UserWarning, match=r"at the end of fit(.|\n)*backbone\.conv1\.weight: \d+ of 9408 elements changed"
+    ):
         model, ckpt = _fit(tmp_path, EMAWeightAveraging(decay=0.9), guard=FrozenModuleGuard(on_violation="warn"))
     saved = torch.load(ckpt.last_model_path, weights_only=True)["state_dict"]
     assert not torch.equal(saved["backbone.conv1.weight"], _fit.built["backbone.conv1.weight"])  # frozen, moved
