@@ -434,3 +434,79 @@ def test_digits_written_concurrently_keep_the_first_complete_tree(tmp_path, monk
     assert raced and (root / "in-use-by-the-other-node").is_file() and (root / ".complete").is_file()
     assert len(list(root.rglob("*.png"))) == 1797
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".digits-")]  # no leftover copy
+
+
+# ---- data order: a new order every epoch, the same order after a resume, disjoint ranks ------------------
+def order_tree(root, n=12):
+    """``n`` solid-colour training images (channel 0 = 20 * i): each sample is known by its colour."""
+    for i in range(n):
+        folder = root / "train" / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (36, 36), (20 * i, 7, 7)).save(folder / f"{i}.png")
+    make_tree(root, splits=("val",), classes=("a", "b"), n=1)
+    return root
+
+
+class _OrderRecorder(__import__("lightning").pytorch.LightningModule):
+    """Writes the samples it trains on, per epoch and rank, to ``out/rank<r>.json``."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.out, self.seen = Path(out), {}
+
+    def training_step(self, batch, batch_idx):
+        images = batch[0]  # normalised on the device by the data module
+        colour = (images[:, 0].mean((1, 2)) * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
+        self.seen.setdefault(str(self.current_epoch), []).extend((colour / 20).round().int().tolist())
+        return (self.w * images.float().mean()).sum()
+
+    def on_train_epoch_end(self):
+        import json
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{self.global_rank}.json").write_text(json.dumps(self.seen))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _orders(tmp_path, run, epochs, ckpt_path=None, **trainer_kwargs):
+    import json
+
+    from conftest import quiet_trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dm = ImageFolderDataModule(order_tree(tmp_path / "data"), image_size=32, batch_size=2, num_workers=0, augment=False)
+    model = _OrderRecorder(tmp_path / run)
+    trainer = quiet_trainer(
+        tmp_path,
+        max_epochs=epochs,
+        limit_val_batches=0,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / run / "ckpt", save_last=True)],
+        enable_checkpointing=True,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in (tmp_path / run).glob("rank*.json")}
+
+
+def test_every_epoch_has_its_own_order_and_a_resumed_run_continues_it(tmp_path):
+    whole = _orders(tmp_path, "whole", 3)[0]
+    assert [sorted(whole[e]) for e in "012"] == [list(range(12))] * 3  # every sample once per epoch
+    assert len({tuple(whole[e]) for e in "012"}) == 3  # a new order every epoch (not the same seed each time)
+    _orders(tmp_path, "first", 2)
+    resumed = _orders(tmp_path, "resumed", 3, ckpt_path=tmp_path / "first" / "ckpt" / "last.ckpt")[0]
+    assert list(resumed) == ["2"] and resumed["2"] == whole["2"]  # neither repeats epoch 0's order nor skips
+
+
+@pytest.mark.slow
+def test_two_ranks_see_disjoint_samples_and_together_all_of_them(tmp_path):
+    from conftest import DDP_IN_PYTEST
+
+    ranks = _orders(tmp_path, "ddp", 2, strategy=DDP_IN_PYTEST, devices=2)
+    assert sorted(ranks) == [0, 1]
+    for epoch in "01":
+        zero, one = ranks[0][epoch], ranks[1][epoch]
+        assert len(zero) == len(one) == 6 and not set(zero) & set(one), (epoch, zero, one)
+    assert ranks[0]["0"] != ranks[0]["1"]  # and each rank's share changes between epochs
