@@ -14,7 +14,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -47,8 +47,14 @@ def _read_annotations(path: Path, images: Path, split: str) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{split} annotations {str(path)!r} are not valid JSON: {err}. Re-export the file.") from err
+    if not isinstance(data, dict):
+        raise DataError(
+            f"{split} annotations {str(path)!r} are not COCO detection annotations: the file holds a JSON "
+            f"{type(data).__name__} ({len(data) if isinstance(data, list) else 1} entries), not an object with "
+            "'images', 'annotations' and 'categories'. Export in COCO format."
+        )
     missing_keys = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
-    if not isinstance(data, dict) or missing_keys:
+    if missing_keys:
         raise DataError(
             f"{split} annotations {str(path)!r} are not COCO detection annotations: no list "
             f"{', '.join(repr(k) for k in missing_keys) or 'at the top level'}. Export in COCO format "
@@ -60,6 +66,14 @@ def _read_annotations(path: Path, images: Path, split: str) -> dict[str, Any]:
         raise DataError(f"{str(path)!r} defines no categories. Export the label set with the annotations.")
     if not images.is_dir():
         raise DataError(f"{split} image folder {str(images)!r} does not exist. Set `data.init_args.{split}_images`.")
+    for image in data["images"]:
+        if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
+            shown = f"image id {image.get('id')!r}" if isinstance(image, dict) else f"image entry {image!r}"
+            raise DataError(
+                f"{shown} in {str(path)!r} has no 'file_name' (or no 'id'): every entry of 'images' needs both, "
+                f"the file name relative to {str(images)!r}. Add it, or remove the image."
+            )
+    _integer_image_ids(data, path)
     sizes = {}
     absent = []
     for image in data["images"]:
@@ -97,17 +111,61 @@ def _read_annotations(path: Path, images: Path, split: str) -> dict[str, Any]:
         if width is not None and height is not None:
             inside_w, inside_h = min(x + w, width) - max(x, 0), min(y + h, height) - max(y, 0)
             if inside_w <= 0 or inside_h <= 0:
+                _check_size_on_disk(images / file, width, height, path)
                 raise DataError(
                     f"{where} has bbox {box}, entirely outside its {width}x{height} image. Remove it or fix it."
                 )
             if inside_w < w or inside_h < h:
                 clipped.append(str(ann.get("id")))
+        # What exporters leave out, as pycocotools reads it: not a crowd; the area of the box. Written into
+        # every annotation, so that torchvision's wrapper keeps each flag and area with its own box.
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(w * h))
     if clipped:
         rank_zero_warn(
             f"{len(clipped)} box(es) in {str(path)!r} extend past their image and are clipped to it "
             f"(annotation ids {', '.join(clipped[:5])}{' ...' if len(clipped) > 5 else ''})."
         )
     return data
+
+
+def _integer_image_ids(data: dict[str, Any], path: Path) -> None:
+    """Map string image ids (some exporters write file stems) to 1..N in file order, keeping the originals.
+
+    pycocotools and the metric need integers. The original id stays in each image entry as
+    ``original_id``; annotations follow the mapping.
+    """
+    ids = [image["id"] for image in data["images"]]
+    if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return
+    if len(set(map(str, ids))) != len(ids):
+        raise DataError(f"{str(path)!r} lists an image id twice among {len(ids)} images. Make the image ids unique.")
+    first = next(i for i in ids if not (isinstance(i, int) and not isinstance(i, bool)))
+    new_id = {original: n + 1 for n, original in enumerate(ids)}
+    for image in data["images"]:
+        image["original_id"], image["id"] = image["id"], new_id[image["id"]]
+    for ann in data["annotations"]:
+        if isinstance(ann, dict) and ann.get("image_id") in new_id:
+            ann["image_id"] = new_id[ann["image_id"]]
+    rank_zero_info(
+        f"{str(path)!r} has non-integer image ids (the first: {first!r}): mapped to 1..{len(ids)} in file order "
+        "for evaluation; each image entry keeps its own as 'original_id'."
+    )
+
+
+def _check_size_on_disk(file: Path, width: int, height: int, path: Path) -> None:
+    """A box outside the JSON's image size may be a JSON whose size is wrong: say so, not that the box is."""
+    try:
+        with Image.open(file) as image:
+            actual = image.size
+    except OSError:
+        return  # an unreadable file is reported where it is read
+    if actual != (width, height):
+        raise DataError(
+            f"{file.name!r} is {actual[0]}x{actual[1]} on disk, but {str(path)!r} says {width}x{height}. The "
+            "boxes are checked against the JSON's size: fix its width/height (photos with an EXIF orientation "
+            "are often listed rotated; store them upright) or re-export the annotations."
+        )
 
 
 class _ParsedCocoDetection(CocoDetection):
@@ -144,7 +202,9 @@ class _CocoSplit(Dataset):
         coco = _ParsedCocoDetection(images, annotations)
         self.coco = coco.coco
         self.ids = coco.ids
-        self.dataset = wrap_dataset_for_transforms_v2(coco, target_keys={"boxes", "labels", "image_id", "iscrowd"})
+        self.root = images
+        keys = {"boxes", "labels", "image_id", "iscrowd", "area"}
+        self.dataset = wrap_dataset_for_transforms_v2(coco, target_keys=keys)
         self.label_of, self.train, self.extra_keys = label_of, train, extra_keys
         steps: list[v2.Transform] = [v2.PILToTensor(), v2.ClampBoundingBoxes()]
         if train and hflip:
@@ -155,13 +215,30 @@ class _CocoSplit(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
-        image, target = self.dataset[index]
         image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        file = self.root / info["file_name"]
+        try:
+            image, target = self.dataset[index]
+        except (OSError, SyntaxError, ValueError) as err:  # PIL: truncated, not an image, bad header
+            raise DataError(
+                f"Cannot read image {str(file)!r} (image id {image_id}): {err}. Delete or replace this file "
+                "(and remove its annotations) and rerun."
+            ) from err
+        listed = (info.get("width"), info.get("height"))
+        if None not in listed and listed != (image.width, image.height):
+            raise DataError(
+                f"{str(file)!r} is {image.width}x{image.height} on disk, but its annotations say "
+                f"{listed[0]}x{listed[1]} (image id {image_id}): the boxes were drawn on another size. Fix the "
+                "JSON's width/height (photos with an EXIF orientation are often listed rotated; store them "
+                "upright) or re-export the annotations."
+            )
         if "boxes" not in target:  # an image without annotations: background only, kept
             h, w = image.height, image.width
             target["boxes"] = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w))
             target["labels"] = torch.zeros(0, dtype=torch.int64)
             target["iscrowd"] = torch.zeros(0, dtype=torch.int64)
+            target["area"] = torch.zeros(0)
         image, boxes = self.transform(image, target["boxes"])
         labels = torch.tensor([self.label_of[int(c)] for c in target["labels"]], dtype=torch.int64)
         crowd = torch.as_tensor(target["iscrowd"], dtype=torch.int64).reshape(-1)
@@ -173,8 +250,9 @@ class _CocoSplit(Dataset):
         if self.train:  # crowd regions are not objects to learn; COCO evaluation ignores them instead
             keep = crowd == 0
             out = {k: v[keep] if v.dim() and len(v) == len(crowd) else v for k, v in out.items()}
-        else:
+        else:  # evaluation: COCO's rule ignores detections on crowd regions, and sizes objects by 'area'
             out["iscrowd"] = crowd
+            out["area"] = torch.as_tensor(target["area"], dtype=torch.float32).reshape(-1)
         return image.as_subclass(Tensor), out
 
 

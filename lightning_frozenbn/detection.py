@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any, ClassVar, Literal
 
@@ -14,7 +15,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
 
 from lightning_frozenbn.backbone import Norm
 from lightning_frozenbn.data import IMAGENET_MEAN, IMAGENET_STD
@@ -323,6 +324,8 @@ class FrozenBNDetector(FrozenBNModule):
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Training mode: the losses by name. Eval mode: per image ``boxes`` (xyxy pixels), ``labels``, ``scores``."""
         images = [img if img.is_floating_point() else img.to(self.dtype).div_(255) for img in images]
+        real_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        images = [self._pad_thin(img) for img in images]
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         batch, targets = self.transform(images, targets)
         features = OrderedDict([("0", self.forward_backbone(batch.tensors))])
@@ -330,7 +333,25 @@ class FrozenBNDetector(FrozenBNModule):
         detections, roi_losses = self.forward_roi(features, proposals, batch.image_sizes, targets)
         if self.training:
             return {**roi_losses, **rpn_losses}
-        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+        detections = self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+        for detection, real, padded in zip(detections, real_sizes, original_sizes):
+            if real != padded:  # boxes found in the padding are cut to the image, empty ones dropped
+                boxes = box_ops.clip_boxes_to_image(detection["boxes"], real)
+                keep = box_ops.remove_small_boxes(boxes, 1e-3)
+                detection.update({k: v[keep] for k, v in detection.items() if k != "boxes"}, boxes=boxes[keep])
+        return detections
+
+    def _pad_thin(self, image: Tensor) -> Tensor:
+        """Pad an image too thin for ``max_size`` (5000x10 at 256) at its bottom/right; coordinates unchanged.
+
+        Resizing its long side to ``max_size`` would make its short side under a pixel, and torchvision's
+        transform fails ("Input and output sizes should be greater than 0") on the whole batch.
+        """
+        height, width = image.shape[-2:]
+        need = math.ceil(2 * max(height, width) / self.transform.max_size)  # >= 2 px after the resize
+        if min(height, width) >= need:
+            return image
+        return nn.functional.pad(image, (0, max(need - width, 0), 0, max(need - height, 0)))
 
     # ---- Lightning hooks --------------------------------------------------------------------
     def training_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], batch_idx: int) -> Tensor:
@@ -347,7 +368,7 @@ class FrozenBNDetector(FrozenBNModule):
     def _eval_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], metric: MeanAveragePrecision) -> None:
         images, targets = batch
         detections = self(images)
-        truth = [{k: t[k] for k in ("boxes", "labels", "iscrowd", "image_id") if k in t} for t in targets]
+        truth = [{k: t[k] for k in ("boxes", "labels", "iscrowd", "area", "image_id") if k in t} for t in targets]
         metric.update([{k: d[k].float() if k != "labels" else d[k] for k in d} for d in detections], truth)
 
     def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:

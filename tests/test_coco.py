@@ -259,3 +259,139 @@ def test_predict_root_needs_no_annotations_when_the_categories_are_given(tmp_pat
     train = write_coco(tmp_path, name="train")
     with pytest.raises(DataError, match=r"train categories .* differ from the model.s categories"):
         CocoDetectionDataModule(*train, categories=categories, num_workers=0).setup("fit")
+
+
+# ---- COCO files as labelling tools write them -----------------------------------------------------------
+def test_missing_iscrowd_and_area_are_read_as_pycocotools_reads_them(tmp_path):
+    anns = [
+        {"id": 1, "image_id": 10, "category_id": 7, "bbox": [2, 3, 10, 12]},  # no iscrowd, no area
+        {"id": 2, "image_id": 10, "category_id": 11, "bbox": [20, 10, 8, 8], "iscrowd": 1, "area": 50.0},
+        {"id": 3, "image_id": 10, "category_id": 3, "bbox": [30, 20, 6, 6]},
+        {"id": 4, "image_id": 20, "category_id": 3, "bbox": [0, 0, 40, 48]},
+    ]
+    train, val = write_coco(tmp_path, anns, name="train"), write_coco(tmp_path, anns, name="val")
+    dm = CocoDetectionDataModule(*train, *val, num_workers=0, hflip=False)
+    dm.setup("fit")
+    _, target = dm._datasets["train"][0]  # the crowd box (id 2, in the middle) is left out, not a neighbour
+    torch.testing.assert_close(target["boxes"], torch.tensor([[2.0, 3, 12, 15], [30, 20, 36, 26]]))
+    _, target = dm._datasets["val"][0]  # each flag and area stays with its own box
+    assert target["iscrowd"].tolist() == [0, 1, 0] and target["area"].tolist() == [120.0, 50.0, 36.0]
+    assert dm._datasets["val"][1][1]["iscrowd"].tolist() == [0]
+
+
+class _Detects(__import__("lightning_frozenbn").FrozenBNDetector):
+    """The detector's validation path with given detections in place of its network's."""
+
+    detections: dict = {}
+
+    def forward(self, images, targets=None):
+        return [self.detections[i] for i in range(len(images))]
+
+
+def test_map_by_object_size_uses_the_files_area_as_cocoeval_does(tmp_path):
+    import numpy as np
+
+    images = [{"id": 10, "file_name": "a.png", "width": 160, "height": 160}]
+    images.append({"id": 20, "file_name": "b.png", "width": 160, "height": 160})
+    # polygon areas (what the file says) put these objects in other size classes than their boxes would
+    anns = [
+        {"id": 1, "image_id": 10, "category_id": 3, "bbox": [10, 10, 40, 40], "area": 900.0, "iscrowd": 0},
+        {"id": 2, "image_id": 10, "category_id": 7, "bbox": [55, 55, 100, 100], "area": 6000.0, "iscrowd": 0},
+        {"id": 3, "image_id": 10, "category_id": 3, "bbox": [0, 110, 30, 30], "area": 700.0, "iscrowd": 0},
+        {"id": 4, "image_id": 20, "category_id": 11, "bbox": [20, 20, 50, 50], "area": 2000.0, "iscrowd": 0},
+        {"id": 5, "image_id": 20, "category_id": 3, "bbox": [80, 80, 70, 70], "area": 800.0, "iscrowd": 0},
+    ]
+    train, val = write_coco(tmp_path, anns, images, name="train"), write_coco(tmp_path, anns, images, name="val")
+    dm = CocoDetectionDataModule(*train, *val, num_workers=0, batch_size=2)
+    dm.setup("fit")
+    g = torch.Generator().manual_seed(0)
+    batch = next(iter(dm.val_dataloader()))
+    detections = {}
+    for i, t in enumerate(batch[1]):  # each true box jittered, plus a false positive, random scores
+        boxes = torch.cat(
+            [t["boxes"] + torch.randn(t["boxes"].shape, generator=g) * 6, torch.tensor([[5.0, 5, 60, 60]])]
+        )
+        labels = torch.cat([t["labels"], torch.tensor([1])])
+        detections[i] = {"boxes": boxes, "labels": labels, "scores": torch.rand(len(labels), generator=g)}
+    _Detects.detections = detections
+    model = _Detects(num_classes=3, arch="resnet18")
+    model.validation_step(batch, 0)
+    ours = model.val_map.compute()
+    results = [
+        {
+            "image_id": int(t["image_id"]),
+            "category_id": dm.category_ids[int(label) - 1],
+            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+            "score": float(score),
+        }
+        for i, t in enumerate(batch[1])
+        for (x0, y0, x1, y1), label, score in zip(
+            detections[i]["boxes"], detections[i]["labels"], detections[i]["scores"]
+        )
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(val[1]))
+        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    theirs = dict(zip(["map", "map_50", "map_75", "map_small", "map_medium", "map_large"], evaluator.stats[:6]))
+    assert len({round(v, 3) for v in theirs.values()}) > 3  # a non-trivial case
+    for key, value in theirs.items():
+        assert float(ours[key]) == pytest.approx(value if value >= 0 else -1, abs=1e-6), (key, float(ours[key]), value)
+    assert np.isfinite(evaluator.stats[3])
+
+
+def test_string_image_ids_are_mapped_to_integers_and_the_originals_kept(tmp_path):
+    images = [
+        {"id": "IMG_0001", "file_name": "a.png", "width": 48, "height": 40},
+        {"id": "IMG_0002", "file_name": "b.png", "width": 40, "height": 48},
+    ]
+    anns = [
+        {"id": 1, "image_id": "IMG_0002", "category_id": 3, "bbox": [1, 2, 10, 10]},
+        {"id": 2, "image_id": "IMG_0001", "category_id": 7, "bbox": [2, 3, 10, 12]},
+    ]
+    train, val = write_coco(tmp_path, anns, images, name="train"), write_coco(tmp_path, anns, images, name="val")
+    dm = CocoDetectionDataModule(*train, *val, num_workers=0, hflip=False)
+    dm.setup("fit")
+    _, target = dm._datasets["val"][1]
+    assert int(target["image_id"]) == 2 and target["labels"].tolist() == [1]  # IMG_0002: its own box
+    assert dm._annotations["val"]["images"][1]["original_id"] == "IMG_0002"
+    images, targets = next(iter(dm.train_dataloader()))  # batches collate (was: "too many dimensions 'str'")
+    assert sorted(int(t["image_id"]) for t in targets) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ("no_file_name", r"image id 20 in .*train\.json' has no 'file_name'"),
+        ("a_list", r"not COCO detection annotations: the file holds a JSON list \(3 entries\)"),
+        ("size_on_disk", r"'b\.png' is 40x48 on disk, but .* says 20x24.*EXIF"),
+    ],
+)
+def test_malformed_exports_get_one_line_naming_the_problem(tmp_path, edit, match):
+    folder, path = write_coco(tmp_path)
+    data = json.loads(path.read_text())
+    if edit == "no_file_name":
+        del data["images"][1]["file_name"]
+    elif edit == "a_list":
+        data = data["annotations"][:3]
+    else:  # the JSON's size is half the real one: box 4 (the whole 40x48 image) lies "outside" the JSON's
+        data["images"][1].update(width=20, height=24)
+        data["annotations"][3]["bbox"] = [22, 26, 10, 10]
+    path.write_text(json.dumps(data))
+    dm = CocoDetectionDataModule(folder, path, *write_coco(tmp_path, name="val"), num_workers=0)
+    with pytest.raises(DataError, match=match):
+        dm.setup("fit")
+
+
+def test_an_image_whose_size_or_bytes_are_wrong_is_named_when_read(tmp_path):
+    folder, path = write_coco(tmp_path)
+    data = json.loads(path.read_text())
+    data["images"][1].update(width=48, height=40)  # b.png is 40x48: boxes still inside the listed size
+    path.write_text(json.dumps(data))
+    dm = CocoDetectionDataModule(folder, path, *write_coco(tmp_path, name="val"), num_workers=0)
+    dm.setup("fit")
+    with pytest.raises(DataError, match=r"b\.png' is 40x48 on disk, but its annotations say 48x40 \(image id 20\)"):
+        dm._datasets["train"][1]
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataError, match=r"Cannot read image '.*a\.png' \(image id 10\).*Delete or replace"):
+        dm._datasets["train"][0]

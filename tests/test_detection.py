@@ -450,3 +450,15 @@ def test_predict_on_new_images_names_each_file_with_the_checkpoints_categories(t
             x0, y0, x1, y1 = box
             assert row["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=0.01)
             assert row["score"] == pytest.approx(score, abs=1e-5) and row["category_id"] == label  # ids 1..10
+
+
+def test_an_image_too_thin_for_max_size_is_detected_on_not_an_error():
+    """5000x10 at max_size 256: torchvision's resize would make it 0 px high and fail the whole batch."""
+    det = FrozenBNDetector(num_classes=3, arch="resnet18", min_size=64, max_size=256, box_score_thresh=0.0).eval()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 10, 5000), generator=g, dtype=torch.uint8), scenes(1)[0][0]]
+    with torch.no_grad():
+        thin, normal = det(images)
+    assert len(thin["boxes"]) and (thin["boxes"][:, [1, 3]] <= 10).all() and (thin["boxes"][:, [0, 2]] <= 5000).all()
+    assert len(thin["scores"]) == len(thin["labels"]) == len(thin["boxes"])
+    assert len(normal["boxes"]) and (normal["boxes"] <= 64).all()  # the batch's other image still detected on
