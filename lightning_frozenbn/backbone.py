@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import pickle
 from pathlib import Path
 from typing import Any, Literal
@@ -100,6 +101,17 @@ def _choice_error(what: str, value: Any, choices: tuple[str, ...] | list[str], f
     return ValueError(f"Unknown {what} {value!r}.{hint} Expected one of: {', '.join(choices)}. {fix}")
 
 
+def _written_by(path: Path) -> str:
+    """For ``runs/<name>/checkpoints/x.ckpt`` with a ``configs/<name>.yaml`` here: the command that writes it."""
+    parts = path.parts
+    if path.suffix != ".ckpt" or len(parts) < 3 or parts[-2] != "checkpoints":
+        return ""
+    config = Path("configs") / f"{parts[-3]}.yaml"
+    if not config.is_file():
+        return " It is a checkpoint that a fit of this package writes: run that fit first."
+    return f" It is written by `lightning-frozenbn fit --config {config.as_posix()}`: run that first."
+
+
 def read_weights_file(path: str | Path) -> dict[str, Tensor]:
     """Read a weights file safely and return the ResNet-trunk state dict it holds.
 
@@ -116,8 +128,8 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"weights file {str(path)!r} does not exist. Pass an existing .pth/.ckpt file, a torchvision "
-            "weight name such as 'DEFAULT', or null for random initialisation."
+            f"weights file {str(path)!r} does not exist.{_written_by(path)} Pass an existing .pth/.ckpt file, a "
+            "torchvision weight name such as 'DEFAULT', or null for random initialisation."
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -180,6 +192,30 @@ def load_trunk_state_dict(trunk: nn.Module, state: dict[str, Tensor], source: st
             "names the architecture the file was saved from."
         )
     trunk.load_state_dict(state, strict=True)
+
+
+class WeightsDownloadError(FileNotFoundError):
+    """torchvision's weights could not be downloaded and are not in its cache."""
+
+
+def download_weights(weights: WeightsEnum) -> dict[str, Tensor]:
+    """Torchvision's ``get_state_dict``, with a failed download explained: compute nodes are often offline.
+
+    torchvision reads ``$TORCH_HOME/hub/checkpoints/<file>`` when it is there and downloads it otherwise;
+    offline that surfaces as a bare ``<urlopen error ...>``.
+    """
+    import urllib.error
+
+    try:
+        return weights.get_state_dict(progress=True)
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        raise WeightsDownloadError(
+            f"Downloading torchvision's {weights} weights failed ({getattr(err, 'reason', err)}) from "
+            f"{weights.url}. torchvision looks for a copy at {str(cache)!r} first (set TORCH_HOME to move it): "
+            "download the file there on a machine with internet access, or save the weights "
+            "(torch.save(model.state_dict(), 'r.pth')) and pass that file as `weights`."
+        ) from err
 
 
 def _looks_like_path(weights: str) -> bool:
@@ -267,11 +303,9 @@ def build_resnet(
     in_features = resnet.fc.in_features
     resnet.fc = nn.Identity()
     if weights is not None:
-        if isinstance(weights, WeightsEnum):
-            state, source = weights.get_state_dict(progress=True), str(weights)
-        elif isinstance(weights, str) and not _looks_like_path(weights):
-            tv_weights = _torchvision_weights(arch, weights)
-            state, source = tv_weights.get_state_dict(progress=True), str(tv_weights)
+        if isinstance(weights, WeightsEnum) or (isinstance(weights, str) and not _looks_like_path(weights)):
+            tv_weights = weights if isinstance(weights, WeightsEnum) else _torchvision_weights(arch, weights)
+            state, source = download_weights(tv_weights), str(tv_weights)
         else:
             state, source = read_weights_file(weights), repr(str(weights))
         load_trunk_state_dict(resnet, state, source, arch)

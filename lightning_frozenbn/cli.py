@@ -7,7 +7,7 @@ import os
 import pydoc
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from jsonargparse import lazy_instance
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
@@ -40,6 +40,17 @@ USER_ERRORS = (
     FrozenStateViolation,
     FloatingPointError,
 )
+
+
+class _CommandsParser(ConciseErrorsParser):
+    """The commands' parser: a model or data class of the other command is refused with that command's name."""
+
+    other_commands: ClassVar[dict[str, str]] = {
+        "lightning_frozenbn.FrozenBNDetector": "lightning-frozenbn-detect",
+        "lightning_frozenbn.CocoDetectionDataModule": "lightning-frozenbn-detect",
+        "lightning_frozenbn.FrozenBNClassifier": "lightning-frozenbn",
+        "lightning_frozenbn.ImageFolderDataModule": "lightning-frozenbn",
+    }
 
 
 class FrozenBNCLI(LightningCLI):
@@ -85,7 +96,7 @@ class FrozenBNCLI(LightningCLI):
             **kwargs.get("trainer_defaults", {}),
         }
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_class", ConciseErrorsParser)
+        kwargs.setdefault("parser_class", _CommandsParser)
         super().__init__(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -193,7 +204,14 @@ class FrozenBNCLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]  # `plugins: [SLURMEnvironment]` keeps it
-        trainer = super().instantiate_trainer(**kwargs)
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if config.get("enable_checkpointing") is False and checkpoint is not None:
+            # a quick run's habit: the command's own checkpoint callback steps aside (Lightning refuses both)
+            callbacks = [c for c in callbacks if c is not checkpoint]
+            rank_zero_info(
+                "trainer.enable_checkpointing is false: no checkpoints are written (no last.ckpt to resume)."
+            )
+        trainer = self._instantiate_trainer({**config, **kwargs}, callbacks)
         if guard is not None:
             trainer.callbacks.insert(0, guard)
         return trainer

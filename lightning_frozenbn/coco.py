@@ -22,7 +22,13 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-from lightning_frozenbn.data import EpochShuffleSampler, gather_to_rank_zero, predict_files, publish_complete
+from lightning_frozenbn.data import (
+    EpochShuffleSampler,
+    gather_to_rank_zero,
+    predict_files,
+    publish_complete,
+    why_not_a_folder,
+)
 from lightning_frozenbn.decode import DataError, decode_file
 
 __all__ = ["CocoDetectionDataModule", "CocoResultsWriter", "DigitsDetectionDataModule", "collate_detection"]
@@ -65,7 +71,9 @@ def _read_annotations(path: Path, images: Path, split: str) -> dict[str, Any]:
     if not data["categories"]:
         raise DataError(f"{str(path)!r} defines no categories. Export the label set with the annotations.")
     if not images.is_dir():
-        raise DataError(f"{split} image folder {str(images)!r} does not exist. Set `data.init_args.{split}_images`.")
+        raise DataError(
+            f"{split} image folder {str(images)!r} {why_not_a_folder(images)}. Set `data.init_args.{split}_images`."
+        )
     for image in data["images"]:
         if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
             shown = f"image id {image.get('id')!r}" if isinstance(image, dict) else f"image entry {image!r}"

@@ -101,10 +101,15 @@ class _ImageFolder(ImageFolder):
         return ImageFolder.make_dataset(directory, class_to_idx, None, visible_image, allow_empty)
 
 
+def why_not_a_folder(path: Path) -> str:
+    """``"does not exist"`` or ``"is a file, not a folder"``: a file given as a folder is not "missing"."""
+    return "is a file, not a folder" if path.exists() else "does not exist"
+
+
 def predict_files(root: Path) -> list[str]:
     """Every visible image file under ``predict_root``, recursively, in sorted path order (never empty)."""
     if not root.is_dir():
-        raise DataError(f"predict_root {str(root)!r} does not exist: point it at a folder of images.")
+        raise DataError(f"predict_root {str(root)!r} {why_not_a_folder(root)}: point it at a folder of images.")
     files = [str(p) for p in sorted(root.rglob("*")) if p.is_file() and _visible_image(p, root)]
     if not files:
         raise DataError(f"predict_root {str(root)!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)}).")
@@ -276,8 +281,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def _check_split(self, split: str) -> list[str]:
         if not self.root.is_dir():
             raise DataError(
-                f"Data root {str(self.root)!r} does not exist. Set `data.root` (or `data.init_args.root`) to "
-                "a folder holding train/<class>/ and val/<class>/ image folders."
+                f"Data root {str(self.root)!r} {why_not_a_folder(self.root)}. Set `data.root` (or "
+                "`data.init_args.root`) to a folder holding train/<class>/ and val/<class>/ image folders."
             )
         split_dir = self.root / split
         if not split_dir.is_dir():
@@ -515,6 +520,25 @@ class DigitsDataModule(ImageFolderDataModule):
         publish_complete(tmp, self.root, f"sklearn load_digits, val_fraction={self.val_fraction}, seed={self.seed}")
 
 
+def _written_by_us(root: Path) -> bool:
+    """Whether ``root`` holds only what the digits writers write (train/val folders of PNGs, split JSONs).
+
+    Only such a folder without its ``.complete`` marker (an older, non-atomic writer's leftover) may be
+    replaced; a user's own folder or file given as ``root`` by mistake never is.
+    """
+    if not root.is_dir():
+        return False
+    for path in root.rglob("*"):
+        parts = path.relative_to(root).parts
+        if parts[0] not in ("train", "val", "train.json", "val.json"):
+            return False
+        if path.is_file() and len(parts) > 1 and path.suffix != ".png":
+            return False
+        if path.is_dir() and len(parts) > 1 and not (len(parts) == 2 and parts[1].isdigit()):
+            return False
+    return True
+
+
 def publish_complete(tmp: Path, root: Path, description: str) -> None:
     """Mark the tree written in ``tmp`` complete and move it to ``root`` in one rename.
 
@@ -522,6 +546,13 @@ def publish_complete(tmp: Path, root: Path, description: str) -> None:
     nodes on a shared filesystem may write at once (prepare_data runs once per node): the first complete
     tree wins and is never deleted; the others drop their own copy.
     """
+    if root.exists() and not (root / ".complete").is_file() and not _written_by_us(root):
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = "is a file" if not root.is_dir() else "is a folder of other files"
+        raise DataError(
+            f"Cannot write the {description.split(',')[0]} set to {str(root)!r}: it {what}, not a set this package "
+            "wrote, and nothing of yours is replaced. Set `data.init_args.root` to a new folder (e.g. data/digits)."
+        )
     (tmp / ".complete").write_text(description + "\n")
     for _ in range(3):
         if (root / ".complete").is_file():  # another node (or an earlier run) published it: drop our copy

@@ -8,7 +8,7 @@ import pydoc
 import re
 import sys
 import textwrap
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
 from typing_extensions import override
@@ -20,23 +20,45 @@ class ConciseErrorsParser(LightningArgumentParser):
     """LightningCLI's parser, whose errors are one line naming the key and value at fault (see :func:`_concise`).
 
     Used by the package's commands (``parser_class``); a project's own LightningCLI can pass it too.
+    A subclass may set :attr:`other_commands` (class path -> command) to name the command that takes a
+    class this one refuses ("Import path ... does not correspond to a subclass of ...").
     """
+
+    other_commands: ClassVar[dict[str, str]] = {}
 
     @override
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         super().error(self._suggest(_concise(message)), ex)
 
     def _suggest(self, message: str) -> str:
-        """``unrecognized arguments: --trainer.max_epocs 3`` gets ``Did you mean '--trainer.max_epochs'?``."""
-        unknown = re.match(r"unrecognized arguments: (--[\w.]+)", message)
-        if unknown is None:
-            return message
+        """The closest accepted option for an unknown one; the command for a class this one does not take.
+
+        ``unrecognized arguments: --trainer.max_epocs 3`` gets ``Did you mean '--trainer.max_epochs'?``,
+        a config's ``trainr: {max_epochs: 1}`` gets ``Did you mean 'trainer.max_epochs'?``.
+        """
         options = list(self._option_string_actions)
         for action in self._actions:  # the subcommands' own options (fit, validate, ...)
             for sub in (action.choices or {}).values() if isinstance(action.choices, dict) else ():
                 options += list(getattr(sub, "_option_string_actions", {}))
-        close = difflib.get_close_matches(unknown.group(1), options, n=1)
-        return f"{message}. Did you mean {close[0]!r}?" if close else message
+        unknown = re.match(r"unrecognized arguments: (--[\w.]+)", message)
+        if unknown is not None:
+            close = difflib.get_close_matches(unknown.group(1), options, n=1)
+            return f"{message}. Did you mean {close[0]!r}?" if close else message
+        in_config = re.match(r"Subcommand '\w+' does not accept option '([\w.]+)'", message)
+        if in_config is not None:  # a key of a config file (the flag form is "unrecognized arguments")
+            keys = [o.removeprefix("--") for o in options if o.startswith("--")]
+            close = difflib.get_close_matches(in_config.group(1), keys, n=1, cutoff=0.75)
+            return f"{message}. Did you mean {close[0]!r}?" if close else message
+        refused = re.search(r"Import path ([\w.]+) does not correspond to a subclass of (\w+)", message)
+        cls = pydoc.locate(refused.group(1)) if refused is not None else None
+        for path, command in self.other_commands.items() if isinstance(cls, type) else ():
+            other = pydoc.locate(path)
+            if isinstance(other, type) and issubclass(cls, other):
+                return (
+                    f"{message}: {cls.__name__} is for the `{command}` command, not `{self.prog.split()[0]}`. "
+                    f"Run `{command} fit --config ...` with this config."
+                )
+        return message
 
     @override
     def print_usage(self, file: Any = None) -> None:

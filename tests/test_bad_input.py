@@ -41,6 +41,12 @@ no traceback and not buried under jsonargparse's union dump, and leaves the file
 | 36 | optimizer  | negative learning rate                             | the value + the key to fix        |
 | 37 | data       | a dataset with a single class folder               | the folder + "at least two"       |
 | 38 | checkpoint | `--ckpt_path last` finds a truncated last.ckpt     | the path + "truncated"            |
+| 39 | command    | the detector's config given to the classifier's    | `lightning-frozenbn-detect`       |
+| 40 | config     | unknown top-level YAML key `trainr:`               | "Did you mean 'trainer...'"       |
+| 41 | data       | data root that is a file                           | the path + "is a file"            |
+| 42 | data       | digits root that is a file (it was renamed aside)  | the path + "nothing ... replaced" |
+| 43 | weights    | torchvision weights, no internet and no cache      | the URL, the cache path, a file   |
+| 44 | weights    | the detection quickstart before the classifier's   | the command that writes the file  |
 
 A mistake in the checkpoint is found before the run starts: it leaves no new logger version behind.
 """
@@ -75,6 +81,10 @@ def world(tmp_path_factory):
     write_evil_pickle(base / "evil.pth", base / "pwned", key="w")
     write_evil_pickle(base / "evil.ckpt", base / "pwned")
     (base / "broken.yaml").write_text("model:\n  init_args: [unclosed\n")
+    (base / "trainr.yaml").write_text("trainr:\n  max_epochs: 1\n")
+    (base / "notes.txt").write_text("a file of the user's, given as the digits root")
+    (base / "fresh" / "configs").mkdir(parents=True)  # a new checkout: the configs, no runs/ yet
+    shutil.copy(ROOT / "configs" / "quickstart.yaml", base / "fresh" / "configs")
     # an earlier run whose files must survive every failed command
     earlier = base / "run" / "csv" / "version_0"
     (earlier / "checkpoints").mkdir(parents=True)
@@ -203,6 +213,31 @@ def case(world, name):
             ["--model.init_args.optimizer.init_args.lr", "-0.1"],
             ["Invalid learning rate: -0.1", "model.init_args.optimizer.init_args"],
         ),
+        "detector-config": (
+            ["--config", str(ROOT / "configs" / "detection_quickstart.yaml")],
+            ["FrozenBNDetector is for the `lightning-frozenbn-detect` command", "lightning-frozenbn-detect fit"],
+        ),
+        "yaml-top-level-typo": (
+            ["--config", str(world / "trainr.yaml")],
+            ["'trainr.max_epochs'", "'trainer.max_epochs'"],
+        ),
+        "data-root-a-file": (
+            [*imagefolder, "--data.init_args.root", str(world / "list.pth")],
+            ["list.pth' is a file, not a folder", "data.root"],
+        ),
+        "digits-root-a-file": (
+            ["--data.init_args.root", str(world / "notes.txt")],
+            ["notes.txt': it is a file", "nothing of yours is replaced"],
+        ),
+        "weights-offline": (
+            ["--model.init_args.weights", "IMAGENET1K_V1"],
+            ["Downloading torchvision's ResNet18_Weights.IMAGENET1K_V1 weights failed", "https://download.pytorch.org"]
+            + [r"th/hub/checkpoints/resnet18-\w+\.pth", "TORCH_HOME", "pass that file as `weights`"],
+        ),
+        "weights-before-quickstart": (
+            ["--model.init_args.weights", "runs/quickstart/checkpoints/last.ckpt"],
+            ["last.ckpt' does not exist", "written by `lightning-frozenbn fit --config configs/quickstart.yaml`"],
+        ),
         "single-class": (
             [
                 *imagefolder,
@@ -254,12 +289,27 @@ CASES = [
     "ckpt-evil",
     "negative-lr",
     "single-class",
+    "detector-config",
+    "yaml-top-level-typo",
+    "data-root-a-file",
+    "digits-root-a-file",
+    "weights-offline",
+    "weights-before-quickstart",
 ]
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_user_mistake(world, name, capsys):
+def test_user_mistake(world, name, capsys, monkeypatch):
     import re
+
+    if name == "weights-offline":  # an offline node: nothing cached, and the download refused at once
+        monkeypatch.setenv("TORCH_HOME", str(world / "th"))
+        for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+            monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+    if name == "weights-before-quickstart":
+        monkeypatch.chdir(world / "fresh")
 
     extra, patterns = case(world, name)
     before = snapshot(world)

@@ -438,3 +438,18 @@ def test_eval_transform_follows_the_torchvision_weights_preset(tmp_path, monkeyp
     assert cli_v2.datamodule.eval_resize == 33
     assert cli_v2.datamodule._transform(train=False).transforms[0].size == [33]
     assert FrozenBNCLI(args=args, run=False).datamodule.eval_resize == 37  # random init: the classic 1/0.875
+
+
+def test_enable_checkpointing_false_makes_the_commands_checkpoint_step_aside(tmp_path, caplog):
+    import logging
+
+    from lightning_frozenbn.cli import FrozenBNCLI
+
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        cli = FrozenBNCLI(args=quickstart_args(tmp_path, "--trainer.enable_checkpointing", "false"), run=False)
+    assert cli.trainer.checkpoint_callback is None  # was Lightning's "found ModelCheckpoint" error
+    assert not any(type(c).__name__ == "ResumableCheckpoint" for c in cli.trainer.callbacks)
+    assert any(type(c).__name__ == "FrozenModuleGuard" for c in cli.trainer.callbacks)
+    assert "enable_checkpointing is false: no checkpoints are written" in caplog.text
+    kept = FrozenBNCLI(args=quickstart_args(tmp_path), run=False)
+    assert type(kept.trainer.checkpoint_callback).__name__ == "ResumableCheckpoint"

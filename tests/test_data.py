@@ -510,3 +510,17 @@ def test_two_ranks_see_disjoint_samples_and_together_all_of_them(tmp_path):
         zero, one = ranks[0][epoch], ranks[1][epoch]
         assert len(zero) == len(one) == 6 and not set(zero) & set(one), (epoch, zero, one)
     assert ranks[0]["0"] != ranks[0]["1"]  # and each rank's share changes between epochs
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_digits_root_that_holds_something_else_is_refused_and_kept(tmp_path, kind):
+    root = tmp_path / "mine"
+    if kind == "file":
+        root.write_text("my notes")
+    else:
+        make_tree(root, classes=("cat", "dog"))  # the user's own image folders, given as root by mistake
+    before = sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
+    with pytest.raises(DataError, match=rf"Cannot write the sklearn load_digits set to '.*mine': it is a {kind}"):
+        DigitsDataModule(root=root).prepare_data()
+    after = sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
+    assert after == before  # nothing renamed aside, nothing deleted, no temporary copy left
