@@ -462,3 +462,21 @@ def test_an_image_too_thin_for_max_size_is_detected_on_not_an_error():
     assert len(thin["boxes"]) and (thin["boxes"][:, [1, 3]] <= 10).all() and (thin["boxes"][:, [0, 2]] <= 5000).all()
     assert len(thin["scores"]) == len(thin["labels"]) == len(thin["boxes"])
     assert len(normal["boxes"]) and (normal["boxes"] <= 64).all()  # the batch's other image still detected on
+
+
+def test_the_readme_reid_example_trains_on_the_digits_canvases_and_names_a_too_small_table(tmp_path):
+    """The README's data: identities are source digits (up to 1796), so the table needs 1797 rows."""
+    from lightning_frozenbn import DigitsDetectionDataModule
+
+    dm = DigitsDetectionDataModule(
+        tmp_path / "dd", canvas_size=64, digit_size=(16, 24), num_train=8, num_val=2, batch_size=4, num_workers=0
+    )
+    dm.extra_keys = ["identity"]
+    cls = readme_reid_detector()
+    small = {**SMALL, "anchor_sizes": [16, 24], "box_score_thresh": 0.0}
+    model = cls(10, num_identities=1797, **small)
+    lut0 = model.lut.detach().clone()
+    quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(model, datamodule=dm)
+    assert not torch.equal(model.lut.detach(), lut0)
+    with pytest.raises(ValueError, match=r"identity \d+ >= num_identities=8: set model.init_args.num_identities"):
+        quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(cls(10, num_identities=8, **small), datamodule=dm)
