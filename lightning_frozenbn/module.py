@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_frozenbn.backbone import Norm, build_resnet
 from lightning_frozenbn.checkpoint import CheckpointError
 from lightning_frozenbn.norm import calibrate_bn, fold_frozen_batchnorm, to_batchnorm
+from lightning_frozenbn.seeding import seed_step
 
 __all__ = ["FrozenBNClassifier", "FrozenBNModule", "default_optimizer"]
 
@@ -84,7 +85,10 @@ class FrozenBNModule(pl.LightningModule):
     Builds ``self.backbone`` (stem..layer3, the C4 map) and ``self.head`` (layer4 + pooling) with
     :func:`build_resnet` and owns the task-independent machinery: parameter groups with
     ``backbone_lr_mult``, optimizer and scheduler from YAML, channels_last and ``torch.compile``,
-    ``calibrate_bn`` before training, the finite-loss check, self-contained checkpoints. A task adds its
+    ``calibrate_bn`` before training, the finite-loss check, self-contained checkpoints, and per-step
+    seeds (:func:`~lightning_frozenbn.seeding.step_seed`: each training batch seeds torch's generators
+    from the run's seed, epoch, batch and rank, so a fit resumed with ``--ckpt_path`` draws what the
+    uninterrupted fit draws, e.g. the detector's sampled regions). A task adds its
     layers, ``forward``, ``training_step`` (calling :meth:`check_loss_finite`) and evaluation steps, as
     :class:`FrozenBNClassifier` and :class:`~lightning_frozenbn.FrozenBNDetector` do. The arguments are
     documented on those classes.
@@ -119,6 +123,7 @@ class FrozenBNModule(pl.LightningModule):
         head_pool: Literal["avg", "max"] = "avg",
     ) -> None:
         super().__init__()
+        self._step_seed_base: int | None = None  # see on_train_batch_start; kept in the checkpoint
         if not backbone_lr_mult >= 0:
             raise ValueError(f"backbone_lr_mult={backbone_lr_mult!r} must be >= 0 (1.0 = same LR as the head).")
         if isinstance(calibrate_bn, bool) or not isinstance(calibrate_bn, int) or calibrate_bn < 0:
@@ -177,6 +182,8 @@ class FrozenBNModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         """Calibrate frozen BN statistics before the guard takes its reference (``on_train_start``)."""
+        if self._step_seed_base is None:  # the run's seed (seed_everything); a resumed fit has the checkpoint's
+            self._step_seed_base = torch.initial_seed()
         if not self.hparams.calibrate_bn:
             return
         if self.trainer.ckpt_path is not None:
@@ -257,6 +264,12 @@ class FrozenBNModule(pl.LightningModule):
         """Check the run's last loss (``check_finite="deferred"``)."""
         self._check_deferred_finite()
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed this step's random draws from (seed, epoch, batch, rank): a resumed fit repeats them exactly."""
+        if self._step_seed_base is None:  # a fit that did not pass through on_fit_start (tests calling steps)
+            self._step_seed_base = torch.initial_seed()
+        seed_step(self._step_seed_base, self.current_epoch, batch_idx, self.global_rank)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Make the checkpoint self-contained; never save weights a not-yet-checked bad step produced.
 
@@ -266,6 +279,8 @@ class FrozenBNModule(pl.LightningModule):
         initial weights stay recorded under ``checkpoint["initial_weights"]``.
         """
         self._check_deferred_finite()
+        if self._step_seed_base is not None:
+            checkpoint["step_seed_base"] = self._step_seed_base
         try:  # the class names, so that `predict` elsewhere writes names (see ImageFolderDataModule.class_names)
             names = getattr(self.trainer.datamodule, "classes", None)
         except (RuntimeError, ValueError):  # no trainer / a data module that cannot tell
@@ -291,6 +306,8 @@ class FrozenBNModule(pl.LightningModule):
             trainer = None
         source = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "This checkpoint"
         check_checkpoint_kind(saved_model_class(checkpoint), type(self), source)
+        if isinstance(checkpoint.get("step_seed_base"), int):
+            self._step_seed_base = checkpoint["step_seed_base"]
         if trainer is None:
             return
         if trainer.ckpt_path and trainer.state.fn == "fit":

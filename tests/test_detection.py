@@ -480,3 +480,34 @@ def test_the_readme_reid_example_trains_on_the_digits_canvases_and_names_a_too_s
     assert not torch.equal(model.lut.detach(), lut0)
     with pytest.raises(ValueError, match=r"identity \d+ >= num_identities=8: set model.init_args.num_identities"):
         quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(cls(10, num_identities=8, **small), datamodule=dm)
+
+
+def test_a_resumed_detector_fit_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
+    """Region sampling draws from torch's generator: without per-step seeds the resumed run's draws (and
+    from then on its losses and weights) differ from the uninterrupted run's."""
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_frozenbn import DigitsDetectionDataModule
+
+    class StopAfterFirstEpoch(__import__("lightning").pytorch.Callback):  # the same run, killed after epoch 0
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    def run(name, epochs, ckpt_path=None, stop=False):
+        seed_everything(0)
+        dm = DigitsDetectionDataModule(
+            tmp_path / "dd", canvas_size=64, digit_size=(16, 24), num_train=8, num_val=2, batch_size=4, num_workers=0
+        )
+        model = FrozenBNDetector(10, **{**SMALL, "calibrate_bn": 1, "anchor_sizes": [16, 24]})
+        ckpt = ModelCheckpoint(dirpath=tmp_path / name, save_last=True)
+        callbacks = [ckpt, StopAfterFirstEpoch()] if stop else [ckpt]
+        trainer = quiet_trainer(tmp_path, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=True)
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return model.state_dict()
+
+    whole = run("whole", 3)
+    run("first", 3, stop=True)
+    resumed = run("resumed", 3, ckpt_path=tmp_path / "first" / "last.ckpt")
+    changed = [k for k in whole if not torch.equal(whole[k], resumed[k])]
+    assert not changed, changed[:5]
