@@ -42,12 +42,19 @@ class _ContinuedWriter(ExperimentWriter):
 
 
 def _logged_by(row: dict[str, str], epoch: int, step: int) -> bool:
-    """Whether a row was logged before the checkpoint of ``epoch``/``step`` was written."""
+    """Whether a row was logged before the checkpoint of ``epoch``/``step`` was written.
+
+    A row without an epoch (LearningRateMonitor logs straight to the logger) at the checkpoint's own step
+    was logged after it: the monitor logs an epoch's or a step's rate before that epoch's or step's first
+    update, i.e. after the checkpoint that ends at that step.
+    """
     try:
-        row_epoch = int(float(row["epoch"])) if row.get("epoch") else epoch
+        row_epoch = int(float(row["epoch"])) if row.get("epoch") else None
         row_step = int(float(row["step"])) if row.get("step") else step
     except ValueError:
         return True
+    if row_epoch is None:
+        return row_step < step
     return row_epoch <= epoch and row_step <= step
 
 
