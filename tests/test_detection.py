@@ -141,12 +141,12 @@ def test_head_pool_max_max_pools_the_regions():
 
 
 def readme_reid_detector():
-    """The README's research example, executed as written there."""
-    text = (ROOT / "README.md").read_text()
+    """The research example of docs/detection.md, executed as written there."""
+    text = (ROOT / "docs" / "detection.md").read_text()
     start = text.index("class ReIDDetector(FrozenBNDetector):")
     block = text[text.rindex("```python", 0, start) + len("```python") : text.index("```", start)]
     namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/detection.md", "exec"), namespace)
     return namespace["ReIDDetector"]
 
 
@@ -465,7 +465,7 @@ def test_an_image_too_thin_for_max_size_is_detected_on_not_an_error():
 
 
 def test_the_readme_reid_example_trains_on_the_digits_canvases_and_names_a_too_small_table(tmp_path):
-    """The README's data: identities are source digits (up to 1796), so the table needs 1797 rows."""
+    """The quickstart's data: identities are source digits (up to 1796), so the table needs 1797 rows."""
     from lightning_frozenbn import DigitsDetectionDataModule
 
     dm = DigitsDetectionDataModule(
