@@ -1,19 +1,21 @@
 """lightning_frozenbn: fine-tune torchvision ResNets with frozen BatchNorm, verifiably and fast."""
 
-from lightning_frozenbn.backbone import ARCHS, NORMS, ResNetBackbone, ResNetHead, WeightsMismatchError, build_resnet
-from lightning_frozenbn.checkpoint import AtomicCheckpointIO, CheckpointError, ResumableCheckpoint
+from lightning_frozenbn.backbone import ARCHS, NORMS, ResNetBackbone, ResNetHead, build_resnet
+from lightning_frozenbn.checkpoint import AtomicCheckpointIO, ResumableCheckpoint
 from lightning_frozenbn.coco import CocoDetectionDataModule, CocoResultsWriter, DigitsDetectionDataModule
-from lightning_frozenbn.data import DataError, DigitsDataModule, ImageFolderDataModule, PredictionWriter
+from lightning_frozenbn.data import DigitsDataModule, ImageFolderDataModule, PredictionWriter
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.ema import FrozenEMA
-from lightning_frozenbn.guard import (
-    FrozenModuleGuard,
+from lightning_frozenbn.errors import (
+    CheckpointError,
+    DataError,
     FrozenStateViolation,
     GuardConfigError,
-    eval_subtrees,
-    find_frozen_modules,
-    is_frozen_norm,
+    InputError,
+    WeightsDownloadError,
+    WeightsMismatchError,
 )
+from lightning_frozenbn.guard import FrozenModuleGuard, eval_subtrees, find_frozen_modules, is_frozen_norm
 from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
 from lightning_frozenbn.module import FrozenBNClassifier, FrozenBNModule
 from lightning_frozenbn.norm import (
@@ -54,6 +56,8 @@ __all__ = [
     "FrozenModuleGuard",
     "FrozenStateViolation",
     "GuardConfigError",
+    "InputError",
+    "WeightsDownloadError",
     "ResNetBackbone",
     "ResumableCheckpoint",
     "RunCSVLogger",

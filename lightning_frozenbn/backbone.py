@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from lightning_frozenbn.errors import WeightsDownloadError, WeightsMismatchError
 from lightning_frozenbn.norm import StatsFrozenBatchNorm2d, convert_frozen_batchnorm, fold_frozen_batchnorm
 
 __all__ = [
@@ -49,10 +50,6 @@ _NORM_LAYERS = {
     "train": nn.BatchNorm2d,
     "sync": nn.BatchNorm2d,
 }
-
-
-class WeightsMismatchError(ValueError):
-    """A weights file does not fit the requested architecture."""
 
 
 class ResNetBackbone(nn.Module):
@@ -192,10 +189,6 @@ def load_trunk_state_dict(trunk: nn.Module, state: dict[str, Tensor], source: st
             "names the architecture the file was saved from."
         )
     trunk.load_state_dict(state, strict=True)
-
-
-class WeightsDownloadError(FileNotFoundError):
-    """torchvision's weights could not be downloaded and are not in its cache."""
 
 
 def download_weights(weights: WeightsEnum) -> dict[str, Tensor]:

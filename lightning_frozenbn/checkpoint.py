@@ -16,11 +16,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from typing_extensions import override
 
+from lightning_frozenbn.errors import CheckpointError
+
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "ResumableCheckpoint"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read: missing, truncated, corrupt or unsafe."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -18,28 +18,21 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_frozenbn.backbone import WeightsMismatchError, eval_resize_for
-from lightning_frozenbn.checkpoint import AtomicCheckpointIO, CheckpointError, ResumableCheckpoint
+from lightning_frozenbn.backbone import eval_resize_for
+from lightning_frozenbn.checkpoint import AtomicCheckpointIO, ResumableCheckpoint
 from lightning_frozenbn.coco import CocoDetectionDataModule, CocoResultsWriter
-from lightning_frozenbn.data import DataError, ImageFolderDataModule, PredictionWriter
+from lightning_frozenbn.data import ImageFolderDataModule, PredictionWriter
 from lightning_frozenbn.detection import FrozenBNDetector
-from lightning_frozenbn.guard import FrozenModuleGuard, FrozenStateViolation, GuardConfigError
+from lightning_frozenbn.errors import FrozenStateViolation, InputError
+from lightning_frozenbn.guard import FrozenModuleGuard
 from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
 from lightning_frozenbn.module import FrozenBNClassifier, check_checkpoint_kind, saved_model_class
 from lightning_frozenbn.parser import ConciseErrorsParser
 
 __all__ = ["DetectionCLI", "FrozenBNCLI", "detect_main", "main"]
 
-# Mistakes in the user's config, data or files: reported as one line, no traceback.
-USER_ERRORS = (
-    DataError,
-    WeightsMismatchError,
-    CheckpointError,
-    GuardConfigError,
-    FileNotFoundError,
-    FrozenStateViolation,
-    FloatingPointError,
-)
+# Mistakes in the user's config, data or files (exit 2) and runtime stops (exit 1): one line, no traceback.
+USER_ERRORS = (InputError, FileNotFoundError, FrozenStateViolation, FloatingPointError)
 
 
 class _CommandsParser(ConciseErrorsParser):
@@ -411,11 +404,7 @@ def main(args: list[str] | None = None, cli: type[FrozenBNCLI] = FrozenBNCLI) ->
         _destroy_process_group()
     except USER_ERRORS as err:
         print(f"error: {_message(err)}", file=sys.stderr)
-        sys.exit(
-            2
-            if isinstance(err, (DataError, WeightsMismatchError, CheckpointError, GuardConfigError, FileNotFoundError))
-            else 1
-        )
+        sys.exit(2 if isinstance(err, (InputError, FileNotFoundError)) else 1)
 
 
 def detect_main(args: list[str] | None = None) -> None:

@@ -12,6 +12,8 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.functional import pil_to_tensor
 
+from lightning_frozenbn.errors import DataError
+
 __all__ = [
     "DataError",
     "EncodedBatch",
@@ -25,10 +27,6 @@ __all__ = [
 ]
 
 _JPEG_MAGIC = (0xFF, 0xD8)
-
-
-class DataError(ValueError):
-    """The data folder is missing, malformed, or holds a file that cannot be decoded."""
 
 
 def load_rgb(path: str) -> Image.Image:

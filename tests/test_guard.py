@@ -180,7 +180,7 @@ def test_warn_reports_and_changes_nothing(tmp_path):
     assert sum("frozen state changed at epoch" in str(w.message) for w in record) == 2
     assert not any("Restored" in str(w.message) for w in record)
     assert model.backbone.conv1.weight.requires_grad
-    changed = guard._reference["backbone.layer1.0.conv1.weight"]
+    changed = guard._ledger.records["backbone.layer1.0.conv1.weight"].reference
     assert not torch.equal(model.backbone.layer1[0].conv1.weight, changed)
     assert guard.epochs_verified == 1
 
@@ -379,7 +379,7 @@ def test_dropout_inside_a_frozen_module_runs_in_eval_and_hooks_go_at_teardown(tm
     guard = FrozenModuleGuard()
     trainer(tmp_path, [guard], max_epochs=1).fit(model, tiny_loader())
     assert model.dropout_modes and not any(model.dropout_modes)
-    assert not guard._hooks and not model.frozen[1]._forward_pre_hooks  # removed at teardown
+    assert not guard._eval.hooked and not model.frozen[1]._forward_pre_hooks  # removed at teardown
     model.train()
     model(torch.randn(1, 3, 8, 8))
     assert model.dropout_modes[-1] is True  # after fit the module is the user's again
@@ -923,3 +923,43 @@ def test_eval_subtrees_are_the_largest_fully_guarded_ones_below_the_root():
     partly = {n for n in names if not n.startswith("1.0.")}
     assert list(eval_subtrees(model, partly)) == ["0", "1.2"]  # not 1 (its conv), not 1.1 (a Dropout alone)
     assert list(eval_subtrees(model, partly - {"0.1.running_var"})) == ["0.0", "1.2"]
+
+
+class Ones(pl.LightningModule):
+    """A frozen Linear of ones (checksums computable by hand) and a trainable head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.stem.weight.fill_(1.0), self.stem.bias.fill_(1.0)
+        self.stem.requires_grad_(False)
+        self.head = nn.Linear(2, 4)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.head(self.stem(batch[0].flatten(1)[:, :2])), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+
+def test_a_guard_state_in_the_layout_earlier_versions_wrote_resumes():
+    """The state dict as the guard wrote it before it became a package, built literally: checksums of
+    float32 ones (bits 0x3F800000) are [n * bits, bits * (1 + 2 + ... + n)]."""
+    one = 0x3F800000
+    written = {
+        "reference_checksums": {"stem.weight": [4 * one, 10 * one], "stem.bias": [2 * one, 3 * one]},
+        "epochs_verified": 2,
+        "released": {"head.weight": 1},
+        "protected": {},
+    }
+    guard = FrozenModuleGuard()
+    guard.load_state_dict(written)
+    trainer(None, [guard], max_epochs=1, default_root_dir=None).fit(Ones(), tiny_loader())
+    assert guard.epochs_verified == 3 and guard.released_tensor_names == ["head.weight"]
+    assert guard.state_dict() == {**written, "epochs_verified": 3}  # the same layout comes back out
+    tampered = {**written, "reference_checksums": {**written["reference_checksums"], "stem.bias": [2 * one, 4 * one]}}
+    guard = FrozenModuleGuard()
+    guard.load_state_dict(tampered)
+    with pytest.raises(FrozenStateViolation, match="stem.bias: differs from the original frozen reference"):
+        trainer(None, [guard], max_epochs=1, default_root_dir=None).fit(Ones(), tiny_loader())

@@ -1,0 +1,476 @@
+"""FrozenModuleGuard: keep frozen modules in eval mode and prove every epoch that they did not change."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_frozenbn.errors import FrozenStateViolation, GuardConfigError
+from lightning_frozenbn.guard.consensus import Consensus
+from lightning_frozenbn.guard.discovery import (
+    EvalForcing,
+    eval_subtrees,
+    find_frozen_modules,
+    named_frozen_module,
+    under,
+)
+from lightning_frozenbn.guard.finetuning import FinetuningWatch, split_unfrozen
+from lightning_frozenbn.guard.ledger import Ledger, fingerprint
+from lightning_frozenbn.norm import StatsFrozenBatchNorm2d
+
+__all__ = ["FrozenModuleGuard"]
+
+OnViolation = Literal["raise", "warn", "restore"]
+
+
+class FrozenModuleGuard(Callback):
+    r"""Keep frozen modules in eval mode and prove that their tensors stay bit-identical.
+
+    Works on any LightningModule. ``requires_grad_(False)`` does not stop a BatchNorm from updating its
+    running statistics, and any ``model.train()`` flips frozen modules back to train mode; an
+    optimizer given all parameters, a bad load or a rank that diverged can also change "frozen"
+    weights silently. This callback:
+
+    * finds the frozen modules (``modules`` if given, else every maximal submodule whose parameters
+      are all frozen, plus every frozen norm layer, see :func:`is_frozen_norm`) and logs a freeze
+      report when training starts;
+    * puts the largest fully frozen subtrees below the LightningModule in eval mode (Dropout and
+      containers inside them too; never the LightningModule itself, nor a module with a trainable
+      part, see :func:`eval_subtrees`) at ``on_train_start`` (after Lightning's "modules in eval mode"
+      check, so that warning is not raised for them) and again at the start of every epoch and every
+      training batch, and keeps their BN/Dropout layers there with forward pre-hooks during fit (even a
+      ``self.train()`` inside ``training_step`` cannot flip them); the hooks are removed at ``teardown``;
+    * keeps an exact copy of every frozen parameter and buffer and checks each bit for bit after every
+      training epoch, every ``every_n_train_steps`` steps if set, and at ``on_fit_end``, after every
+      callback's ``on_train_end`` (Lightning's ``EMAWeightAveraging`` copies its average in there);
+      under DDP it also checks that all ranks hold the same frozen state. A change is reported with the
+      tensor's name, the max abs difference, the number of changed elements and the rank. The decision
+      is reduced over ranks, so every rank stops together;
+    * lets tensors go deliberately: when a ``BaseFinetuning`` callback unfreezes modules and gives their
+      parameters to the optimizer, or when user code calls :meth:`release`, they are verified one last
+      time and then no longer guarded; every module no longer inside a fully frozen subtree (the
+      released layers and the Dropout, ReLU and containers around them) takes the LightningModule's
+      mode again and loses its eval hook. :meth:`protect` does the reverse for modules frozen mid-run.
+      A ``requires_grad`` switched on by anything else is a violation;
+    * stores checksums of the *original* reference (and the released and protected sets) in the
+      checkpoint, so a resumed run is verified against the state at the start of the first fit.
+
+    Sharded strategies (FSDP, DeepSpeed, ModelParallel) are refused at setup: each rank holds only
+    shards of the parameters there, so neither the bit-for-bit copy nor the cross-rank comparison means
+    what it says. Frozen BN needs no synchronisation, so DDP is the strategy for this recipe.
+
+    Args:
+        modules: names of the submodules to guard (``"backbone.layer1"``); None finds them.
+        on_violation: ``"raise"`` stops training (all ranks) with the report, ``"warn"`` logs it and
+            goes on, ``"restore"`` copies the reference values back and logs what it restored.
+        check_ranks: under DDP, also prove that all ranks hold the same frozen state.
+        every_n_train_steps: also verify every this many optimizer steps (0: at epoch ends only). For
+            long or endless epochs (streaming data, ``max_epochs=-1``). Between checks it costs one
+            integer test per batch.
+
+    Memory: the reference copy takes as much memory as the frozen tensors (for a ResNet-50 with
+    freeze_at=2 about 1 MB; the whole trunk, freeze_at=5, about 94 MB).
+    """
+
+    def __init__(
+        self,
+        modules: list[str] | None = None,
+        on_violation: OnViolation = "raise",
+        check_ranks: bool = True,
+        every_n_train_steps: int = 0,
+    ) -> None:
+        if on_violation not in ("raise", "warn", "restore"):
+            raise GuardConfigError(
+                f"FrozenModuleGuard(on_violation={on_violation!r}) is not supported: expected "
+                "'raise', 'warn' or 'restore'."
+            )
+        if modules is not None and (isinstance(modules, str) or not all(isinstance(m, str) for m in modules)):
+            raise GuardConfigError(
+                f"FrozenModuleGuard(modules={modules!r}): expected a list of submodule names such as "
+                "['backbone.conv1', 'backbone.layer1'], or None to find the frozen modules."
+            )
+        if isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int) or every_n_train_steps < 0:
+            raise GuardConfigError(
+                f"FrozenModuleGuard(every_n_train_steps={every_n_train_steps!r}): expected an integer >= 0 "
+                "(0 = verify at the end of every epoch only)."
+            )
+        self.modules = list(modules) if modules is not None else None
+        self.on_violation = on_violation
+        self.check_ranks = check_ranks
+        self.every_n_train_steps = every_n_train_steps
+        self._roots: dict[str, nn.Module] = {}  # the frozen modules found (or named)
+        self._ledger = Ledger()
+        self._eval = EvalForcing()
+        self._watch = FinetuningWatch()
+        self._released: dict[str, int] = {}  # tensor name -> epoch of release
+        self._protected: dict[str, int] = {}  # module name -> epochs verified when protect() was called
+        self._loaded_checksums: dict[str, list[int]] | None = None
+        self._epochs_verified = 0
+        self._reapplied_eval = 0
+        self._last_verified_step = -1
+        self._before_load: dict[str, Tensor] = {}  # the frozen values as built, kept while a checkpoint loads
+        self._load_hook: Any = None
+        self._trainer: pl.Trainer | None = None
+        self._training_started = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(modules=self.modules)
+
+    # ---- what is guarded ---------------------------------------------------------------------
+    def _resolve(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
+        if self.modules is None:
+            found = find_frozen_modules(pl_module)
+        else:
+            found = {name: named_frozen_module(pl_module, name, "modules=...") for name in self.modules}
+        for name in self._protected:
+            if not any(under(name, n) for n in found):
+                found[name] = named_frozen_module(pl_module, name, "protect(...)")
+        return found
+
+    def _collect(self, pl_module: pl.LightningModule) -> Ledger:
+        self._roots = self._resolve(pl_module)
+        return Ledger.collect(pl_module, self._roots, self._released)
+
+    def _force_eval(self, pl_module: nn.Module) -> None:
+        """Force the fully guarded subtrees to eval; what leaves the set takes the LightningModule's mode."""
+        self._eval.set(eval_subtrees(pl_module, set(self._ledger.names)), mode=pl_module.training)
+        self._eval.apply()
+        self._eval.install_hooks()
+
+    def _consensus(self, trainer: pl.Trainer) -> Consensus:
+        return Consensus(trainer.strategy, trainer.global_rank, trainer.world_size)
+
+    # ---- hooks -------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = getattr(trainer, "strategy", None)
+        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+            raise GuardConfigError(
+                f"FrozenModuleGuard does not support {type(strategy).__name__}: it shards parameters across "
+                "ranks, so a bit-for-bit copy and a cross-rank comparison of the frozen state would not mean "
+                "what they say. Frozen BN needs no synchronisation: use DDP (strategy: ddp), or remove the "
+                "FrozenModuleGuard callback for this strategy."
+            )
+        self._resolve(pl_module)  # fail fast on bad `modules` names, before any work
+        self._trainer = trainer
+        self._before_load = {}
+        self._remove_load_hook()
+        # The checkpoint stores checksums, not values. When Lightning loads a checkpoint into the model
+        # (a resume), keep the frozen tensors as the model was built just before: if a resumed tensor
+        # was tampered with, these are its original values whenever their checksum matches the stored one.
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(self._keep_values_before_load)
+        self._watch.wrap(trainer, self._after_finetuning)
+
+    def _keep_values_before_load(self, module: nn.Module, *args: Any) -> None:
+        self._before_load = {name: record.reference for name, record in self._collect(module).records.items()}
+
+    def _remove_load_hook(self) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning warns about modules in eval mode just before on_train_start. The guard puts its
+        # modules in eval itself in on_train_start, so leave them in train mode until then.
+        for module in self._resolve(pl_module).values():
+            module.train()
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_load_hook()
+        self._trainer, self._training_started = trainer, True
+        self._ledger = self._collect(pl_module)
+        self._force_eval(pl_module)
+        problems, unrecoverable = [], []
+        if self._loaded_checksums is not None:
+            problems, unrecoverable = self._ledger.compare_with_checkpoint(self._loaded_checksums, self._before_load)
+        self._before_load = {}
+        rank_zero_info(freeze_report(self, pl_module))
+        self._verify(trainer, "the start of training", problems, unrecoverable=unrecoverable)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reapplied_eval = int(self._eval.apply())
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._reapplied_eval += self._eval.apply()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self._last_verified_step:
+            self._verify(trainer, f"global step {step} (epoch {trainer.current_epoch}, batch {batch_idx})")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._reapplied_eval:
+            rank_zero_info(
+                f"FrozenModuleGuard: something put frozen modules back in train mode; eval mode was "
+                f"re-applied {self._reapplied_eval} times this epoch."
+            )
+        self._verify(trainer, f"epoch {trainer.current_epoch}", epoch_end=True)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The last word, after every callback's on_train_end whatever the callback order: Lightning's
+        # EMAWeightAveraging copies its average into the model there, which moves frozen tensors by
+        # rounding. Always run, even right after an epoch-end check (that one ran before those hooks).
+        if self._training_started:
+            self._verify(trainer, f"the end of fit (global step {trainer.global_step}, after every on_train_end)")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._training_started = False
+        self._eval.remove_hooks()
+        self._remove_load_hook()
+        self._watch.unwrap()
+        self._before_load = {}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "reference_checksums": self._ledger.checksums(),
+            "epochs_verified": self._epochs_verified,
+            "released": dict(self._released),
+            "protected": dict(self._protected),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_checksums = state_dict.get("reference_checksums")
+        self._epochs_verified = state_dict.get("epochs_verified", 0)
+        self._released = dict(state_dict.get("released", {}))
+        self._protected = dict(state_dict.get("protected", {}))
+
+    # ---- verification: local diff -> agreement -> policy -------------------------------------
+    def _verify(
+        self,
+        trainer: pl.Trainer,
+        when: str,
+        problems: list[str] | None = None,
+        epoch_end: bool = False,
+        releasing: frozenset[str] = frozenset(),
+        unrecoverable: list[str] | None = None,
+    ) -> None:
+        self._last_verified_step = trainer.global_step
+        local = (problems or []) + self._ledger.changes(releasing)
+        ranks = self._consensus(trainer)
+        diverged: list[str] = []
+        if trainer.world_size > 1 and self.check_ranks:
+            ranks.check_same_names(self._ledger.names, "guarded")  # same shapes for the gather
+            diverged = ranks.diverged(self._ledger.names, fingerprint(self._ledger.live()))
+        if ranks.all_agree(not local) and not diverged:
+            if epoch_end:
+                self._epochs_verified += 1
+            where = f"on all {trainer.world_size} ranks" if trainer.world_size > 1 else "on rank 0"
+            rank_zero_info(
+                f"FrozenModuleGuard: {len(self._ledger.names)} frozen tensors bit-identical at {when} {where}."
+            )
+            return
+        reports = ranks.gather_objects((trainer.global_rank, local))
+        lines = [f"  rank {r}: {line}" for r, rank_lines in reports for line in rank_lines]
+        message = f"FrozenModuleGuard: the frozen state changed at {when}:\n" + "\n".join(
+            lines + [f"  {d}" for d in diverged]
+        )
+        self._act(ranks, message, diverged, unrecoverable or [])
+
+    def _act(self, ranks: Consensus, message: str, diverged: list[str], unrecoverable: list[str]) -> None:
+        """The policy: the one place with the side effects of a violation."""
+        if self.on_violation == "raise":
+            raise FrozenStateViolation(
+                message + "\nFrozen tensors must stay bit-identical. Fix the code that changed them, or pass "
+                "FrozenModuleGuard(on_violation='restore') to put the reference values back."
+            )
+        if self.on_violation == "warn":
+            rank_zero_warn(message)
+            return
+        if not ranks.all_agree(not unrecoverable):
+            raise FrozenStateViolation(
+                message + "\non_violation='restore' cannot restore values that no longer exist. Resume from a "
+                "checkpoint whose frozen tensors are intact, or build the model from the weights the first fit "
+                "started from, so that the guard can restore them."
+            )
+        self._ledger.restore()
+        if diverged:
+            ranks.broadcast_from_zero(self._ledger.live())
+            self._ledger.adopt_live_as_reference()
+        rank_zero_warn(message + "\nRestored the reference values of these tensors.")
+
+    # ---- deliberate changes to the guarded set -----------------------------------------------
+    def _after_finetuning(self, trainer: pl.Trainer, pl_module: pl.LightningModule, by: str) -> None:
+        """Release what a BaseFinetuning callback just unfroze and gave to an optimizer."""
+        if self._consensus(trainer).all_agree(not any(p.requires_grad for p in self._ledger.params.values())):
+            return  # nothing unfrozen on any rank
+        released, held = split_unfrozen(self._ledger, trainer.optimizers)
+        for name in held:
+            self._ledger.records[name].live.requires_grad_(False)
+        if held:
+            rank_zero_info(
+                f"FrozenModuleGuard: {by} switched requires_grad on for {len(held)} parameters without giving "
+                f"them to an optimizer (e.g. BatchNorm with train_bn=False): they stay frozen, guarded and in "
+                f"eval mode ({', '.join(held[:3])}{' ...' if len(held) > 3 else ''})."
+            )
+        self._release(released, by)
+
+    def _release(self, names: list[str], by: str) -> None:
+        trainer = self._trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        if trainer is not None:
+            self._consensus(trainer).check_same_names(names, "released")
+            if names:  # their requires_grad is on by now, deliberately: check only their values
+                self._verify(
+                    trainer, f"epoch {epoch}, before {by} released {len(names)} tensors", releasing=frozenset(names)
+                )
+        if not names:
+            return
+        self._ledger.release(names)
+        self._released.update({name: epoch for name in names})
+        if trainer is not None:
+            pl_module = trainer.lightning_module
+            self._eval.set(eval_subtrees(pl_module, set(self._ledger.names)), mode=pl_module.training)
+        rank_zero_info(
+            f"FrozenModuleGuard: {by} released {len(names)} tensors at epoch {epoch} ({_summarise(names)}); verified "
+            f"bit-identical for {self._epochs_verified} epochs up to the release. {len(self._ledger.names)} tensors "
+            "stay guarded."
+        )
+
+    def release(self, *names: str, by: str = "user code") -> list[str]:
+        """Stop guarding the tensors under ``names`` (module or tensor names), deliberately.
+
+        Use it where your own code unfreezes part of a frozen model mid-run, right before it does::
+
+            guard.release("backbone.layer4")
+            pl_module.backbone.layer4.requires_grad_(True)   # and give them to the optimizer
+
+        The tensors are verified bit-identical one last time (all ranks: call it on every rank, like
+        any hook code), then no longer guarded nor kept in eval mode; BN layers among them go back to
+        the LightningModule's mode. One info line names them, the epoch and how long they were
+        verified. The released set is saved in the checkpoint.
+
+        Returns:
+            The released tensor names.
+
+        Raises:
+            GuardConfigError: no guarded tensor matches one of ``names``.
+        """
+        selected: list[str] = []
+        for name in names:
+            matches = self._ledger.select(name)
+            if not matches:
+                gone = [e for r, e in self._released.items() if under(r, name)]
+                close = difflib.get_close_matches(name, self._ledger.prefixes(), n=3)
+                hint = f" It was released at epoch {gone[0]}." if gone else ""
+                hint += f" Close matches: {', '.join(close)}." if close else ""
+                raise GuardConfigError(
+                    f"FrozenModuleGuard.release({name!r}): no guarded tensor is named so or lies under it.{hint} "
+                    "Guarded tensors are listed by `guard.frozen_tensor_names` once training has started."
+                )
+            selected += [m for m in matches if m not in selected]
+        self._release(selected, by)
+        return selected
+
+    def protect(self, *names: str) -> list[str]:
+        """Start guarding the modules ``names`` (frozen mid-run by your code), with a reference taken now.
+
+        The modules must already be frozen (every parameter ``requires_grad=False``). From now on they
+        are kept in eval mode and verified like the rest; a released tensor under them is guarded again.
+
+        Returns:
+            The newly guarded tensor names.
+        """
+        pl_module = self._trainer.lightning_module if self._trainer is not None else None
+        if pl_module is None:
+            raise GuardConfigError("FrozenModuleGuard.protect() works during fit, once training has started.")
+        for name in names:
+            named_frozen_module(pl_module, name, "protect(...)")
+        for name in names:
+            self._protected[name] = self._epochs_verified
+            for released in [r for r in self._released if under(r, name)]:
+                del self._released[released]
+        added = self._ledger.extend(self._collect(pl_module))
+        self._force_eval(pl_module)
+        rank_zero_info(
+            f"FrozenModuleGuard: now guarding {', '.join(names)} ({len(added)} tensors, reference taken at epoch "
+            f"{self._trainer.current_epoch})."
+        )
+        return added
+
+    # ---- what it found -----------------------------------------------------------------------
+    @property
+    def epochs_verified(self) -> int:
+        """How many training epochs have been verified bit-identical (survives resume)."""
+        return self._epochs_verified
+
+    @property
+    def frozen_tensor_names(self) -> list[str]:
+        """Names of the guarded tensors (valid after training started)."""
+        return self._ledger.names
+
+    @property
+    def released_tensor_names(self) -> list[str]:
+        """Names of the tensors released deliberately (by a BaseFinetuning callback or :meth:`release`)."""
+        return list(self._released)
+
+
+def freeze_report(guard: FrozenModuleGuard, pl_module: nn.Module) -> str:
+    """The freeze report logged when training starts: what is guarded, what is forced to eval, what not."""
+    names = guard.frozen_tensor_names
+    rows = []
+    # roots whose tensors were all released at an earlier epoch are not guarded any more
+    guarded = {n: m for n, m in guard._roots.items() if any(under(t, n) or not n for t in names)}
+    for name, module in guarded.items():
+        n_params = sum(p.numel() for p in module.parameters())
+        n_buffers = sum(b.numel() for b in module.buffers())
+        mode = "eval" if not module.training else "train"
+        rows.append(f"  {name or '<root>':<32} {type(module).__name__:<24} {n_params:>11,} {n_buffers:>10,}  {mode}")
+    stats_frozen = sum(isinstance(m, StatsFrozenBatchNorm2d) for m in pl_module.modules())
+    extra = f"\n  + running stats of {stats_frozen} StatsFrozenBatchNorm2d layers (norm='eval')" if stats_frozen else ""
+    untracked = [
+        m for m in guard._eval.modules if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
+    ]
+    if untracked:
+        extra += (
+            f"\n  note: {len(untracked)} frozen BatchNorm layers have track_running_stats=False (as "
+            "BaseFinetuning.freeze(train_bn=False) sets it): in train mode they would normalise with each "
+            "batch's statistics; under the guard they run in eval mode with their running statistics."
+        )
+    forced = list(guard._eval.roots)
+    shown = ", ".join(forced[:6]) + (" ..." if len(forced) > 6 else "")
+    extra += (
+        f"\n  forced to eval mode: {len(forced)} fully frozen subtrees ({len(guard._eval.modules)} modules)"
+        + (f": {shown}" if forced else "")
+        + "; the LightningModule and every module with a trainable part follow the Trainer's mode"
+    )
+    if guard._released:
+        released = _summarise(list(guard._released))
+        extra += f"\n  not guarded: {len(guard._released)} tensors released at earlier epochs ({released})"
+    return (
+        f"FrozenModuleGuard: guarding {len(names)} frozen tensors in {len(guarded)} modules; "
+        f"put them in eval mode at train start (Lightning's eval-mode warning does not apply to these).\n"
+        f"  {'module':<32} {'type':<24} {'params':>11} {'buffers':>10}  mode\n" + "\n".join(rows) + extra
+    )
+
+
+def _summarise(names: list[str], limit: int = 4) -> str:
+    """Tensor names shortened to their modules: ``backbone.0, backbone.3 (2 modules)``."""
+    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
+    more = " ..." if len(modules) > limit else ""
+    return f"{', '.join(modules[:limit])}{more} ({len(modules)} modules)"

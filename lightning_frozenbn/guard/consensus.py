@@ -1,0 +1,82 @@
+"""Cross-rank agreement on the frozen state: every collective the guard makes, each a no-op at world size 1."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import Strategy
+from torch import Tensor
+
+from lightning_frozenbn.errors import FrozenStateViolation
+
+__all__ = ["Consensus"]
+
+
+class Consensus:
+    """What the ranks agree on. Every method is called on every rank at the same point (hooks are).
+
+    Decisions go through the strategy's ``reduce_boolean_decision``, so no rank waits for another that
+    decided otherwise; fingerprints through its ``all_gather``; reports and name lists (objects) through
+    ``torch.distributed``'s object gather, the one thing a strategy does not offer.
+    """
+
+    def __init__(self, strategy: Strategy, rank: int, world_size: int) -> None:
+        self.strategy, self.rank, self.world_size = strategy, rank, world_size
+
+    @property
+    def _distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def all_agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank."""
+        return bool(self.strategy.reduce_boolean_decision(ok, all=True))
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order (``[value]`` alone)."""
+        if not self._distributed:
+            return [value]
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, value)
+        return everyone
+
+    def check_same_names(self, names: list[str], what: str) -> None:
+        """Every rank must guard (or release) the same tensors: else stop on every rank, naming the ranks."""
+        if not self._distributed:
+            return
+        digest = zlib.crc32("\n".join(sorted(names)).encode()) & 0x7FFFFFFF
+        mine = torch.tensor([digest], dtype=torch.int64, device=self.strategy.root_device)
+        if len(set(self.strategy.all_gather(mine).flatten().tolist())) == 1:
+            return
+        everyone = self.gather_objects(sorted(names))
+        lines = [
+            f"  rank {r}: {len(n)} tensors {what}, differs from rank 0 in "
+            f"{', '.join(sorted(set(n) ^ set(everyone[0]))[:5])}"
+            for r, n in enumerate(everyone)
+            if r and n != everyone[0]
+        ]
+        raise FrozenStateViolation(
+            f"FrozenModuleGuard: the ranks do not agree on the {what} tensors:\n" + "\n".join(lines) + "\nEvery "
+            "rank must freeze, unfreeze and release the same modules at the same point (rank-dependent code?)."
+        )
+
+    def diverged(self, names: list[str], fingerprints: Tensor) -> list[str]:
+        """One line per rank whose frozen tensors differ from rank 0's (by checksum)."""
+        if self.world_size <= 1:
+            return []
+        gathered = self.strategy.all_gather(fingerprints.to(self.strategy.root_device))
+        lines = []
+        for r in range(1, self.world_size):
+            rows = (gathered[r] != gathered[0]).any(dim=-1).nonzero().flatten().tolist()
+            if rows:
+                shown = ", ".join(names[i] for i in rows[:5]) + (" ..." if len(rows) > 5 else "")
+                lines.append(f"rank {r} holds a different frozen state than rank 0 in {len(rows)} tensors: {shown}")
+        return lines
+
+    def broadcast_from_zero(self, tensors: list[Tensor]) -> None:
+        """Make every rank's tensors rank 0's, in place."""
+        if self._distributed:
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)

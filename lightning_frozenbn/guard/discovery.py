@@ -1,0 +1,179 @@
+"""What is frozen: the frozen modules and norm layers of a model, and the subtrees forced to eval mode."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from lightning_frozenbn.errors import GuardConfigError
+
+__all__ = ["EvalForcing", "eval_subtrees", "find_frozen_modules", "is_frozen_norm", "named_frozen_module", "under"]
+
+# Layers whose forward depends on train/eval mode (FrozenBatchNorm2d's does not, so it needs no hook).
+_MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def under(name: str, prefix: str) -> bool:
+    """Whether the dotted ``name`` is ``prefix`` itself or lies inside it (``backbone.0.weight`` under ``backbone``)."""
+    return name == prefix or name.startswith(f"{prefix}.")
+
+
+def is_frozen_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a frozen normalisation layer, recognised by what it is rather than by one class.
+
+    The rule: torchvision's ``FrozenBatchNorm2d`` (and subclasses), or any module that is not a torch
+    ``_BatchNorm``, holds ``running_mean`` and ``running_var`` buffers of its own, and has no parameter
+    that requires grad. That covers timm's ``FrozenBatchNorm2d``/``FrozenBatchNormAct2d``, detectron2's
+    ``FrozenBatchNorm2d`` and a user's own (statistics and affine map kept as buffers). A torch BatchNorm
+    whose affine parameters are frozen is found by the frozen-submodule rule instead; one with
+    ``affine=False`` and no frozen marker is a BN that trains its statistics, so it is left alone.
+    """
+    if isinstance(module, FrozenBatchNorm2d):
+        return True
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    buffers = dict(module.named_buffers(recurse=False))
+    if buffers.get("running_mean") is None or buffers.get("running_var") is None:
+        return False
+    return not any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def find_frozen_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every maximal submodule whose parameters all have ``requires_grad=False``, plus every frozen norm layer.
+
+    Frozen norm layers are those :func:`is_frozen_norm` recognises (torchvision's, timm's, detectron2's
+    or a user's own frozen BN), inside trainable modules too.
+    """
+    found: dict[str, nn.Module] = {}
+
+    def visit(module: nn.Module, name: str) -> None:
+        params = list(module.parameters())
+        if (params and not any(p.requires_grad for p in params)) or is_frozen_norm(module):
+            found[name] = module
+            return
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(model, "")
+    return found
+
+
+def named_frozen_module(model: nn.Module, name: str, where: str) -> nn.Module:
+    """The submodule ``name`` of ``model``, checked to be frozen and to hold tensors (``modules=``, ``protect``)."""
+    names = [n for n, _ in model.named_modules() if n]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise GuardConfigError(
+            f"FrozenModuleGuard({where}) names {name!r}, which is not a submodule of "
+            f"{type(model).__name__}.{hint} Use names from `model.named_modules()`, or pass "
+            "modules=None to find the frozen modules automatically."
+        )
+    module = model.get_submodule(name)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    if trainable:
+        raise GuardConfigError(
+            f"FrozenModuleGuard({where}) names {name!r}, but it has {len(trainable)} trainable "
+            f"parameters ({', '.join(trainable[:3])}...): the optimizer would change them every "
+            f"step. Freeze it first (`{name}.requires_grad_(False)`) or leave it out."
+        )
+    if not list(module.parameters()) and not list(module.buffers()):
+        raise GuardConfigError(
+            f"FrozenModuleGuard({where}) names {name!r}, which has no parameters or buffers, so "
+            "there is nothing frozen to guard. Name the module that holds the frozen weights."
+        )
+    return module
+
+
+def eval_subtrees(model: nn.Module, guarded: set[str]) -> dict[str, nn.Module]:
+    """The largest subtrees below ``model`` whose every tensor is in ``guarded`` (and that hold at least one).
+
+    These are what "frozen" means for train/eval mode: every module inside them (Dropout, ReLU and
+    containers too) runs in eval. The root itself is never one (the LightningModule follows the
+    Trainer), nor is a module with a trainable or released tensor anywhere below it, nor a module that
+    holds no tensor at all outside such a subtree (a Dropout beside trainable layers follows its parent).
+    """
+    fully: dict[str, bool] = {}
+
+    def visit(module: nn.Module, name: str) -> tuple[bool, bool]:
+        own = [k for k, _ in module.named_parameters(recurse=False)]
+        own += [k for k, t in module.named_buffers(recurse=False) if t is not None]
+        holds = bool(own)
+        inside = all((f"{name}.{k}" if name else k) in guarded for k in own)
+        for child_name, child in module.named_children():
+            child_holds, child_inside = visit(child, f"{name}.{child_name}" if name else child_name)
+            holds, inside = holds or child_holds, inside and child_inside
+        fully[name] = holds and inside
+        return holds, inside
+
+    visit(model, "")
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if name and fully.get(name) and not any(under(name, f) for f in found):
+            found[name] = module
+    return found
+
+
+def _keep_eval(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook on a guarded BN/Dropout layer: it always runs in eval mode, whoever called ``.train()``."""
+    if module.training:
+        module.training = False
+
+
+class EvalForcing:
+    """The modules forced to eval mode, and the forward pre-hooks that keep their BN/Dropout layers there.
+
+    A callback hook can act at the start of a batch at the latest; the pre-hooks act right before each
+    layer runs, so even a ``self.train()`` inside ``training_step`` cannot put them in train mode.
+    """
+
+    def __init__(self) -> None:
+        self.roots: dict[str, nn.Module] = {}
+        self.modules: list[nn.Module] = []
+        self._hooks: dict[nn.Module, Any] = {}
+
+    def set(self, roots: dict[str, nn.Module], mode: bool) -> None:
+        """Force the subtrees ``roots`` to eval from now on; modules that leave the set take ``mode``."""
+        before = self.modules
+        self.roots = dict(roots)
+        seen: dict[int, nn.Module] = {}
+        for root in self.roots.values():
+            for module in root.modules():
+                seen.setdefault(id(module), module)
+        self.modules = list(seen.values())
+        for module in before:
+            if id(module) not in seen:
+                module.training = mode
+                handle = self._hooks.pop(module, None)
+                if handle is not None:
+                    handle.remove()
+
+    def apply(self) -> bool:
+        """Put the modules in eval mode; whether any had been put back in train mode."""
+        flipped = False
+        for module in self.modules:
+            if module.training:
+                module.training = False
+                flipped = True
+        return flipped
+
+    def install_hooks(self) -> None:
+        """A pre-hook on every mode-sensitive layer of the set (BN, Dropout)."""
+        self.remove_hooks()
+        self._hooks = {
+            m: m.register_forward_pre_hook(_keep_eval) for m in self.modules if isinstance(m, _MODE_SENSITIVE)
+        }
+
+    def remove_hooks(self) -> None:
+        """Remove every pre-hook: after fit the modules are the user's again."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks = {}
+
+    @property
+    def hooked(self) -> list[nn.Module]:
+        """The layers that have a pre-hook now."""
+        return list(self._hooks)

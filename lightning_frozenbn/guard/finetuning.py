@@ -1,0 +1,58 @@
+"""Cooperation with Lightning's BaseFinetuning: which unfrozen tensors are released and which stay held."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BaseFinetuning
+
+from lightning_frozenbn.guard.ledger import Ledger
+
+__all__ = ["FinetuningWatch", "split_unfrozen"]
+
+
+def split_unfrozen(ledger: Ledger, optimizers: list[Any]) -> tuple[list[str], list[str]]:
+    """The guarded parameters switched on, split into released (given to an optimizer) and held (not).
+
+    ``unfreeze_and_add_param_group(train_bn=False)`` switches BatchNorm parameters on but gives them to
+    no optimizer: they cannot train, so they stay frozen and guarded ("held"). A layer whose guarded
+    parameters are all released trains as a whole, so its buffers (BN statistics) are released with it.
+    """
+    switched = [n for n, p in ledger.params.items() if p.requires_grad]
+    in_optimizer = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    released = [n for n in switched if id(ledger.records[n].live) in in_optimizer]
+    held = [n for n in switched if n not in released]
+    return released + ledger.buffers_of_released_owners(set(released)), held
+
+
+class FinetuningWatch:
+    """Wraps each BaseFinetuning callback's epoch-start hook, where it unfreezes modules, to call ``after``.
+
+    Wrapping the hook (rather than looking afterwards) attributes each unfreeze to its callback and works
+    whichever order the callbacks are listed in.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: list[BaseFinetuning] = []
+
+    def wrap(self, trainer: pl.Trainer | None, after: Callable[[pl.Trainer, pl.LightningModule, str], None]) -> None:
+        """Watch every BaseFinetuning callback of ``trainer``."""
+        self.unwrap()
+        for callback in getattr(trainer, "callbacks", None) or []:
+            if isinstance(callback, BaseFinetuning):
+                original = callback.on_train_epoch_start
+
+                def watched(tr: pl.Trainer, module: pl.LightningModule, _cb: Any = callback, _orig: Any = original):
+                    _orig(tr, module)
+                    after(tr, module, type(_cb).__name__)
+
+                callback.on_train_epoch_start = watched  # type: ignore[method-assign]
+                self._wrapped.append(callback)
+
+    def unwrap(self) -> None:
+        """Give the callbacks their own hook back."""
+        for callback in self._wrapped:
+            vars(callback).pop("on_train_epoch_start", None)
+        self._wrapped = []
