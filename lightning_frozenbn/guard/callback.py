@@ -23,60 +23,58 @@ from lightning_frozenbn.guard.discovery import (
 )
 from lightning_frozenbn.guard.finetuning import FinetuningWatch, split_unfrozen
 from lightning_frozenbn.guard.ledger import Ledger, fingerprint
-from lightning_frozenbn.norm import StatsFrozenBatchNorm2d
+from lightning_frozenbn.guard.report import freeze_report, summarise
 
 __all__ = ["FrozenModuleGuard"]
 
 OnViolation = Literal["raise", "warn", "restore"]
 
 
+def _check_arguments(modules: Any, on_violation: Any, every_n_train_steps: Any) -> None:
+    """The guard's settings, each refused with the value and what is expected."""
+    if on_violation not in ("raise", "warn", "restore"):
+        raise GuardConfigError(
+            f"FrozenModuleGuard(on_violation={on_violation!r}) is not supported: expected 'raise', 'warn' or 'restore'."
+        )
+    if modules is not None and (isinstance(modules, str) or not all(isinstance(m, str) for m in modules)):
+        raise GuardConfigError(
+            f"FrozenModuleGuard(modules={modules!r}): expected a list of submodule names such as "
+            "['backbone.conv1', 'backbone.layer1'], or None to find the frozen modules."
+        )
+    if isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int) or every_n_train_steps < 0:
+        raise GuardConfigError(
+            f"FrozenModuleGuard(every_n_train_steps={every_n_train_steps!r}): expected an integer >= 0 "
+            "(0 = verify at the end of every epoch only)."
+        )
+
+
 class FrozenModuleGuard(Callback):
-    r"""Keep frozen modules in eval mode and prove that their tensors stay bit-identical.
+    r"""Keep frozen modules in eval mode and prove that their tensors stay bit-identical. Any LightningModule.
 
-    Works on any LightningModule. ``requires_grad_(False)`` does not stop a BatchNorm from updating its
-    running statistics, and any ``model.train()`` flips frozen modules back to train mode; an
-    optimizer given all parameters, a bad load or a rank that diverged can also change "frozen"
-    weights silently. This callback:
-
-    * finds the frozen modules (``modules`` if given, else every maximal submodule whose parameters
-      are all frozen, plus every frozen norm layer, see :func:`is_frozen_norm`) and logs a freeze
-      report when training starts;
-    * puts the largest fully frozen subtrees below the LightningModule in eval mode (Dropout and
-      containers inside them too; never the LightningModule itself, nor a module with a trainable
-      part, see :func:`eval_subtrees`) at ``on_train_start`` (after Lightning's "modules in eval mode"
-      check, so that warning is not raised for them) and again at the start of every epoch and every
-      training batch, and keeps their BN/Dropout layers there with forward pre-hooks during fit (even a
-      ``self.train()`` inside ``training_step`` cannot flip them); the hooks are removed at ``teardown``;
-    * keeps an exact copy of every frozen parameter and buffer and checks each bit for bit after every
-      training epoch, every ``every_n_train_steps`` steps if set, and at ``on_fit_end``, after every
-      callback's ``on_train_end`` (Lightning's ``EMAWeightAveraging`` copies its average in there);
-      under DDP it also checks that all ranks hold the same frozen state. A change is reported with the
-      tensor's name, the max abs difference, the number of changed elements and the rank. The decision
-      is reduced over ranks, so every rank stops together;
-    * lets tensors go deliberately: when a ``BaseFinetuning`` callback unfreezes modules and gives their
-      parameters to the optimizer, or when user code calls :meth:`release`, they are verified one last
-      time and then no longer guarded; every module no longer inside a fully frozen subtree (the
-      released layers and the Dropout, ReLU and containers around them) takes the LightningModule's
-      mode again and loses its eval hook. :meth:`protect` does the reverse for modules frozen mid-run.
-      A ``requires_grad`` switched on by anything else is a violation;
-    * stores checksums of the *original* reference (and the released and protected sets) in the
-      checkpoint, so a resumed run is verified against the state at the start of the first fit.
-
-    Sharded strategies (FSDP, DeepSpeed, ModelParallel) are refused at setup: each rank holds only
-    shards of the parameters there, so neither the bit-for-bit copy nor the cross-rank comparison means
-    what it says. Frozen BN needs no synchronisation, so DDP is the strategy for this recipe.
+    ``requires_grad_(False)`` does not stop a BatchNorm from updating its running statistics, any
+    ``model.train()`` flips frozen modules back to train mode, and an optimizer given all parameters, a
+    bad load or a diverged rank change "frozen" weights silently. This callback finds the frozen modules
+    (``modules``, or every maximal submodule whose parameters are all frozen plus every frozen norm
+    layer), forces the largest fully frozen subtrees below the LightningModule to eval (forward
+    pre-hooks keep their BN/Dropout layers there during fit), and verifies every frozen parameter and
+    buffer bit for bit after each training epoch, every ``every_n_train_steps`` and at ``on_fit_end``
+    (after every callback's ``on_train_end``), across DDP ranks too; a change is reported with the
+    tensor, its max |diff| and the rank, and every rank stops together. What a ``BaseFinetuning``
+    callback unfreezes and gives to an optimizer, and what :meth:`release` names, is verified once more
+    and released: it trains like the rest. :meth:`protect` guards modules frozen mid-run. The checkpoint
+    keeps checksums of the *original* reference, so a resumed run is verified against the first fit.
+    Sharded strategies (FSDP, DeepSpeed, ModelParallel) are refused at setup. See ``docs/guard.md``.
 
     Args:
         modules: names of the submodules to guard (``"backbone.layer1"``); None finds them.
         on_violation: ``"raise"`` stops training (all ranks) with the report, ``"warn"`` logs it and
             goes on, ``"restore"`` copies the reference values back and logs what it restored.
         check_ranks: under DDP, also prove that all ranks hold the same frozen state.
-        every_n_train_steps: also verify every this many optimizer steps (0: at epoch ends only). For
-            long or endless epochs (streaming data, ``max_epochs=-1``). Between checks it costs one
-            integer test per batch.
+        every_n_train_steps: also verify every this many optimizer steps (0: at epoch ends only), for
+            long or endless epochs. Between checks it costs one integer test per batch.
 
-    Memory: the reference copy takes as much memory as the frozen tensors (for a ResNet-50 with
-    freeze_at=2 about 1 MB; the whole trunk, freeze_at=5, about 94 MB).
+    Memory: the reference copy takes as much memory as the frozen tensors (ResNet-50, freeze_at=2:
+    about 1 MB; the whole trunk: about 94 MB).
     """
 
     def __init__(
@@ -86,21 +84,7 @@ class FrozenModuleGuard(Callback):
         check_ranks: bool = True,
         every_n_train_steps: int = 0,
     ) -> None:
-        if on_violation not in ("raise", "warn", "restore"):
-            raise GuardConfigError(
-                f"FrozenModuleGuard(on_violation={on_violation!r}) is not supported: expected "
-                "'raise', 'warn' or 'restore'."
-            )
-        if modules is not None and (isinstance(modules, str) or not all(isinstance(m, str) for m in modules)):
-            raise GuardConfigError(
-                f"FrozenModuleGuard(modules={modules!r}): expected a list of submodule names such as "
-                "['backbone.conv1', 'backbone.layer1'], or None to find the frozen modules."
-            )
-        if isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int) or every_n_train_steps < 0:
-            raise GuardConfigError(
-                f"FrozenModuleGuard(every_n_train_steps={every_n_train_steps!r}): expected an integer >= 0 "
-                "(0 = verify at the end of every epoch only)."
-            )
+        _check_arguments(modules, on_violation, every_n_train_steps)
         self.modules = list(modules) if modules is not None else None
         self.on_violation = on_violation
         self.check_ranks = check_ranks
@@ -290,29 +274,7 @@ class FrozenModuleGuard(Callback):
         message = f"FrozenModuleGuard: the frozen state changed at {when}:\n" + "\n".join(
             lines + [f"  {d}" for d in diverged]
         )
-        self._act(ranks, message, diverged, unrecoverable or [])
-
-    def _act(self, ranks: Consensus, message: str, diverged: list[str], unrecoverable: list[str]) -> None:
-        """The policy: the one place with the side effects of a violation."""
-        if self.on_violation == "raise":
-            raise FrozenStateViolation(
-                message + "\nFrozen tensors must stay bit-identical. Fix the code that changed them, or pass "
-                "FrozenModuleGuard(on_violation='restore') to put the reference values back."
-            )
-        if self.on_violation == "warn":
-            rank_zero_warn(message)
-            return
-        if not ranks.all_agree(not unrecoverable):
-            raise FrozenStateViolation(
-                message + "\non_violation='restore' cannot restore values that no longer exist. Resume from a "
-                "checkpoint whose frozen tensors are intact, or build the model from the weights the first fit "
-                "started from, so that the guard can restore them."
-            )
-        self._ledger.restore()
-        if diverged:
-            ranks.broadcast_from_zero(self._ledger.live())
-            self._ledger.adopt_live_as_reference()
-        rank_zero_warn(message + "\nRestored the reference values of these tensors.")
+        apply_policy(self.on_violation, self._ledger, ranks, message, diverged, unrecoverable or [])
 
     # ---- deliberate changes to the guarded set -----------------------------------------------
     def _after_finetuning(self, trainer: pl.Trainer, pl_module: pl.LightningModule, by: str) -> None:
@@ -347,7 +309,7 @@ class FrozenModuleGuard(Callback):
             pl_module = trainer.lightning_module
             self._eval.set(eval_subtrees(pl_module, set(self._ledger.names)), mode=pl_module.training)
         rank_zero_info(
-            f"FrozenModuleGuard: {by} released {len(names)} tensors at epoch {epoch} ({_summarise(names)}); verified "
+            f"FrozenModuleGuard: {by} released {len(names)} tensors at epoch {epoch} ({summarise(names)}); verified "
             f"bit-identical for {self._epochs_verified} epochs up to the release. {len(self._ledger.names)} tensors "
             "stay guarded."
         )
@@ -430,47 +392,26 @@ class FrozenModuleGuard(Callback):
         return list(self._released)
 
 
-def freeze_report(guard: FrozenModuleGuard, pl_module: nn.Module) -> str:
-    """The freeze report logged when training starts: what is guarded, what is forced to eval, what not."""
-    names = guard.frozen_tensor_names
-    rows = []
-    # roots whose tensors were all released at an earlier epoch are not guarded any more
-    guarded = {n: m for n, m in guard._roots.items() if any(under(t, n) or not n for t in names)}
-    for name, module in guarded.items():
-        n_params = sum(p.numel() for p in module.parameters())
-        n_buffers = sum(b.numel() for b in module.buffers())
-        mode = "eval" if not module.training else "train"
-        rows.append(f"  {name or '<root>':<32} {type(module).__name__:<24} {n_params:>11,} {n_buffers:>10,}  {mode}")
-    stats_frozen = sum(isinstance(m, StatsFrozenBatchNorm2d) for m in pl_module.modules())
-    extra = f"\n  + running stats of {stats_frozen} StatsFrozenBatchNorm2d layers (norm='eval')" if stats_frozen else ""
-    untracked = [
-        m for m in guard._eval.modules if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
-    ]
-    if untracked:
-        extra += (
-            f"\n  note: {len(untracked)} frozen BatchNorm layers have track_running_stats=False (as "
-            "BaseFinetuning.freeze(train_bn=False) sets it): in train mode they would normalise with each "
-            "batch's statistics; under the guard they run in eval mode with their running statistics."
+def apply_policy(
+    policy: str, ledger: Ledger, ranks: Consensus, message: str, diverged: list[str], unrecoverable: list[str]
+) -> None:
+    """The ``on_violation`` policy: the one place with the side effects of a violation (all ranks call it)."""
+    if policy == "raise":
+        raise FrozenStateViolation(
+            message + "\nFrozen tensors must stay bit-identical. Fix the code that changed them, or pass "
+            "FrozenModuleGuard(on_violation='restore') to put the reference values back."
         )
-    forced = list(guard._eval.roots)
-    shown = ", ".join(forced[:6]) + (" ..." if len(forced) > 6 else "")
-    extra += (
-        f"\n  forced to eval mode: {len(forced)} fully frozen subtrees ({len(guard._eval.modules)} modules)"
-        + (f": {shown}" if forced else "")
-        + "; the LightningModule and every module with a trainable part follow the Trainer's mode"
-    )
-    if guard._released:
-        released = _summarise(list(guard._released))
-        extra += f"\n  not guarded: {len(guard._released)} tensors released at earlier epochs ({released})"
-    return (
-        f"FrozenModuleGuard: guarding {len(names)} frozen tensors in {len(guarded)} modules; "
-        f"put them in eval mode at train start (Lightning's eval-mode warning does not apply to these).\n"
-        f"  {'module':<32} {'type':<24} {'params':>11} {'buffers':>10}  mode\n" + "\n".join(rows) + extra
-    )
-
-
-def _summarise(names: list[str], limit: int = 4) -> str:
-    """Tensor names shortened to their modules: ``backbone.0, backbone.3 (2 modules)``."""
-    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
-    more = " ..." if len(modules) > limit else ""
-    return f"{', '.join(modules[:limit])}{more} ({len(modules)} modules)"
+    if policy == "warn":
+        rank_zero_warn(message)
+        return
+    if not ranks.all_agree(not unrecoverable):
+        raise FrozenStateViolation(
+            message + "\non_violation='restore' cannot restore values that no longer exist. Resume from a "
+            "checkpoint whose frozen tensors are intact, or build the model from the weights the first fit "
+            "started from, so that the guard can restore them."
+        )
+    ledger.restore()
+    if diverged:
+        ranks.broadcast_from_zero(ledger.live())
+        ledger.adopt_live_as_reference()
+    rank_zero_warn(message + "\nRestored the reference values of these tensors.")

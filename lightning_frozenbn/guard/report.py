@@ -1,0 +1,61 @@
+"""The guard's freeze report: what is guarded, what is forced to eval mode, what was released."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from lightning_frozenbn.guard.discovery import under
+from lightning_frozenbn.norm import StatsFrozenBatchNorm2d
+
+if TYPE_CHECKING:
+    from lightning_frozenbn.guard.callback import FrozenModuleGuard
+
+__all__ = ["freeze_report", "summarise"]
+
+
+def freeze_report(guard: FrozenModuleGuard, pl_module: nn.Module) -> str:
+    """The freeze report logged when training starts: what is guarded, what is forced to eval, what not."""
+    names = guard.frozen_tensor_names
+    rows = []
+    # roots whose tensors were all released at an earlier epoch are not guarded any more
+    guarded = {n: m for n, m in guard._roots.items() if any(under(t, n) or not n for t in names)}
+    for name, module in guarded.items():
+        n_params = sum(p.numel() for p in module.parameters())
+        n_buffers = sum(b.numel() for b in module.buffers())
+        mode = "eval" if not module.training else "train"
+        rows.append(f"  {name or '<root>':<32} {type(module).__name__:<24} {n_params:>11,} {n_buffers:>10,}  {mode}")
+    stats_frozen = sum(isinstance(m, StatsFrozenBatchNorm2d) for m in pl_module.modules())
+    extra = f"\n  + running stats of {stats_frozen} StatsFrozenBatchNorm2d layers (norm='eval')" if stats_frozen else ""
+    untracked = [
+        m for m in guard._eval.modules if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
+    ]
+    if untracked:
+        extra += (
+            f"\n  note: {len(untracked)} frozen BatchNorm layers have track_running_stats=False (as "
+            "BaseFinetuning.freeze(train_bn=False) sets it): in train mode they would normalise with each "
+            "batch's statistics; under the guard they run in eval mode with their running statistics."
+        )
+    forced = list(guard._eval.roots)
+    shown = ", ".join(forced[:6]) + (" ..." if len(forced) > 6 else "")
+    extra += (
+        f"\n  forced to eval mode: {len(forced)} fully frozen subtrees ({len(guard._eval.modules)} modules)"
+        + (f": {shown}" if forced else "")
+        + "; the LightningModule and every module with a trainable part follow the Trainer's mode"
+    )
+    if guard._released:
+        released = summarise(list(guard._released))
+        extra += f"\n  not guarded: {len(guard._released)} tensors released at earlier epochs ({released})"
+    return (
+        f"FrozenModuleGuard: guarding {len(names)} frozen tensors in {len(guarded)} modules; "
+        f"put them in eval mode at train start (Lightning's eval-mode warning does not apply to these).\n"
+        f"  {'module':<32} {'type':<24} {'params':>11} {'buffers':>10}  mode\n" + "\n".join(rows) + extra
+    )
+
+
+def summarise(names: list[str], limit: int = 4) -> str:
+    """Tensor names shortened to their modules: ``backbone.0, backbone.3 (2 modules)``."""
+    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
+    more = " ..." if len(modules) > limit else ""
+    return f"{', '.join(modules[:limit])}{more} ({len(modules)} modules)"
