@@ -15,20 +15,17 @@ from lightning_frozenbn.errors import (
     WeightsDownloadError,
     WeightsMismatchError,
 )
-from lightning_frozenbn.guard import FrozenModuleGuard, eval_subtrees, find_frozen_modules, is_frozen_norm
-from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
-from lightning_frozenbn.module import FrozenBNClassifier, FrozenBNModule
-from lightning_frozenbn.norm import (
+from lightning_frozenbn.fold import (
     FoldedConv2d,
     FoldedFrozenBatchNorm2d,
     FoldedFrozenBatchNormAct2d,
-    StatsFrozenBatchNorm2d,
-    calibrate_bn,
-    convert_frozen_batchnorm,
     fold_frozen_batchnorm,
-    to_batchnorm,
     unfold_frozen_batchnorm,
 )
+from lightning_frozenbn.guard import FrozenModuleGuard, eval_subtrees, find_frozen_modules, is_frozen_norm
+from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
+from lightning_frozenbn.module import FrozenBNClassifier, FrozenBNModule
+from lightning_frozenbn.norm import StatsFrozenBatchNorm2d, calibrate_bn, convert_frozen_batchnorm, to_batchnorm
 from lightning_frozenbn.parser import ConciseErrorsParser
 
 __version__ = "0.1.0"

@@ -15,7 +15,8 @@ from torchvision.models import WeightsEnum
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lightning_frozenbn.errors import WeightsDownloadError, WeightsMismatchError
-from lightning_frozenbn.norm import StatsFrozenBatchNorm2d, convert_frozen_batchnorm, fold_frozen_batchnorm
+from lightning_frozenbn.fold import fold_frozen_batchnorm
+from lightning_frozenbn.norm import StatsFrozenBatchNorm2d, convert_frozen_batchnorm
 
 __all__ = [
     "ARCHS",

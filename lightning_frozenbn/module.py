@@ -20,7 +20,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_frozenbn.backbone import Norm, build_resnet
 from lightning_frozenbn.checkpoint import CheckpointError
-from lightning_frozenbn.norm import calibrate_bn, fold_frozen_batchnorm, to_batchnorm
+from lightning_frozenbn.fold import fold_frozen_batchnorm
+from lightning_frozenbn.norm import calibrate_bn, to_batchnorm
 from lightning_frozenbn.seeding import seed_step
 
 __all__ = ["FrozenBNClassifier", "FrozenBNModule", "default_optimizer"]

@@ -7,7 +7,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lightning_frozenbn import ARCHS, WeightsMismatchError, build_resnet, to_batchnorm
 from lightning_frozenbn.backbone import STAGES
-from lightning_frozenbn.norm import FoldedConv2d
+from lightning_frozenbn.fold import FoldedConv2d
 
 
 def plain_model(arch: str) -> nn.Module:
