@@ -2,8 +2,9 @@
 
 from lightning_frozenbn.backbone import ARCHS, NORMS, ResNetBackbone, ResNetHead, build_resnet
 from lightning_frozenbn.checkpoint import AtomicCheckpointIO, ResumableCheckpoint
-from lightning_frozenbn.coco import CocoDetectionDataModule, CocoResultsWriter, DigitsDetectionDataModule
-from lightning_frozenbn.data import DigitsDataModule, ImageFolderDataModule, PredictionWriter
+from lightning_frozenbn.coco import CocoDetectionDataModule
+from lightning_frozenbn.data import ImageFolderDataModule
+from lightning_frozenbn.digits import DigitsDataModule, DigitsDetectionDataModule
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.ema import FrozenEMA
 from lightning_frozenbn.errors import (
@@ -27,6 +28,7 @@ from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
 from lightning_frozenbn.module import FrozenBNClassifier, FrozenBNModule
 from lightning_frozenbn.norm import StatsFrozenBatchNorm2d, calibrate_bn, convert_frozen_batchnorm, to_batchnorm
 from lightning_frozenbn.parser import ConciseErrorsParser
+from lightning_frozenbn.writers import CocoResultsWriter, PredictionWriter
 
 __version__ = "0.1.0"
 

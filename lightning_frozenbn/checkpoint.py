@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from typing_extensions import override
 
 from lightning_frozenbn.errors import CheckpointError
+from lightning_frozenbn.files import write_atomically
 
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "ResumableCheckpoint"]
 
@@ -38,17 +38,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """Write to ``.<name>.tmp-<pid>`` beside ``path``, fsync, then atomically rename."""
         if not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(path, lambda f: torch.save(checkpoint, f))
         return None
 
     def load_checkpoint(

@@ -1,4 +1,4 @@
-"""CocoDetectionDataModule: COCO-format boxes for the detector; the offline digits-on-canvas set; COCO results files."""
+"""CocoDetectionDataModule: COCO-format boxes for the detector, checked and read as labelling tools write them."""
 
 from __future__ import annotations
 
@@ -6,14 +6,11 @@ import contextlib
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch import Tensor
@@ -24,14 +21,12 @@ from torchvision.transforms import v2
 
 from lightning_frozenbn.data import (
     EpochShuffleSampler,
-    gather_to_rank_zero,
     predict_files,
-    publish_complete,
     why_not_a_folder,
 )
 from lightning_frozenbn.decode import DataError, decode_file
 
-__all__ = ["CocoDetectionDataModule", "CocoResultsWriter", "DigitsDetectionDataModule", "collate_detection"]
+__all__ = ["CocoDetectionDataModule", "collate_detection"]
 
 Split = Literal["train", "val", "test"]
 
@@ -460,203 +455,3 @@ def _checked_categories(categories: list[dict[str, Any]]) -> list[dict[str, Any]
             f"categories={categories!r} is invalid: expected a list of {{'id': <int>, 'name': <str>}}, distinct ids."
         )
     return out
-
-
-class DigitsDetectionDataModule(CocoDetectionDataModule):
-    """An offline detection set from scikit-learn's real handwritten digits pasted on black canvases.
-
-    ``prepare_data`` writes it once (atomically, seeded): ``root/{train,val}/*.png`` and
-    ``root/{train,val}.json`` in COCO format, 10 categories "0".."9" with ids 1..10. Train and
-    validation canvases draw from disjoint sets of source digits (no digit seen in training is scored).
-    Each box is the tight box of the digit's ink; annotations carry ``identity`` (the source digit's
-    index) for re-identification examples. From then on this *is* a CocoDetectionDataModule reading
-    files, as a user's own export would be read.
-
-    Args:
-        root: where the set is written (reused if complete).
-        canvas_size: canvas side in pixels.
-        digit_size: (min, max) side of a pasted digit in pixels (the 8x8 source upscaled).
-        digits_per_image: (min, max) digits per canvas, placed without overlap.
-        num_train, num_val: canvases per split.
-        val_fraction: share of the source digits reserved for validation canvases.
-        seed: seed of the split, the layouts and the shuffle.
-        batch_size, num_workers, pin_memory, extra_keys, predict_root: as for CocoDetectionDataModule.
-    """
-
-    def __init__(
-        self,
-        root: str | Path = "data/digits_detection",
-        canvas_size: int = 128,
-        digit_size: tuple[int, int] = (24, 48),
-        digits_per_image: tuple[int, int] = (1, 3),
-        num_train: int = 1200,
-        num_val: int = 300,
-        val_fraction: float = 0.2,
-        seed: int = 0,
-        batch_size: int = 8,
-        num_workers: int = 2,
-        pin_memory: bool | None = None,
-        extra_keys: list[str] | None = None,
-        predict_root: str | Path | None = None,
-    ) -> None:
-        root = Path(root)
-        super().__init__(
-            root / "train",
-            root / "train.json",
-            root / "val",
-            root / "val.json",
-            batch_size=batch_size,
-            num_workers=num_workers,
-            hflip=False,  # a mirrored 2 is not a 2
-            pin_memory=pin_memory,
-            seed=seed,
-            extra_keys=extra_keys,
-            predict_root=predict_root,
-        )
-        lo, hi = digit_size
-        if not 8 <= lo <= hi < canvas_size:
-            raise DataError(f"digit_size={tuple(digit_size)!r} must satisfy 8 <= min <= max < canvas_size.")
-        if not 1 <= digits_per_image[0] <= digits_per_image[1]:
-            raise DataError(f"digits_per_image={tuple(digits_per_image)!r} must satisfy 1 <= min <= max.")
-        if not 0 < val_fraction < 1 or num_train < 1 or num_val < 1:
-            raise DataError("val_fraction must be in (0, 1) and num_train, num_val >= 1.")
-        self.root, self.canvas_size, self.digit_size = root, canvas_size, (lo, hi)
-        self.digits_per_image, self.num_train, self.num_val = tuple(digits_per_image), num_train, num_val
-        self.val_fraction = val_fraction
-
-    @property
-    def categories(self) -> list[dict[str, Any]]:
-        """The ten digits, known before the files exist."""
-        return [{"id": d + 1, "name": str(d)} for d in range(10)]
-
-    def prepare_data(self) -> None:
-        """Write the canvases and the COCO JSON once; a half-written set is never mistaken for a complete one."""
-        if (self.root / ".complete").is_file():
-            return
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(digits.target), generator=generator).tolist()
-        n_val = round(len(order) * self.val_fraction)
-        sources = {"val": order[:n_val], "train": order[n_val:]}
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".digits-detection-", dir=self.root.parent))
-        for split, count in (("train", self.num_train), ("val", self.num_val)):
-            (tmp / split).mkdir()
-            coco = {"images": [], "annotations": [], "categories": self.categories}
-            for image_id in range(1, count + 1):
-                canvas, boxes = self._canvas(digits, sources[split], generator)
-                name = f"{image_id:05d}.png"
-                Image.fromarray(canvas.numpy()).save(tmp / split / name)
-                coco["images"].append(
-                    {"id": image_id, "file_name": name, "width": canvas.shape[1], "height": canvas.shape[0]}
-                )
-                for (x0, y0, x1, y1), source in boxes:
-                    coco["annotations"].append(
-                        {
-                            "id": len(coco["annotations"]) + 1,
-                            "image_id": image_id,
-                            "category_id": int(digits.target[source]) + 1,
-                            "bbox": [x0, y0, x1 - x0, y1 - y0],
-                            "area": (x1 - x0) * (y1 - y0),
-                            "iscrowd": 0,
-                            "identity": source,
-                        }
-                    )
-            (tmp / f"{split}.json").write_text(json.dumps(coco))
-        publish_complete(tmp, self.root, f"sklearn load_digits on {self.canvas_size}px canvases, seed={self.seed}")
-
-    def _canvas(
-        self, digits: Any, pool: list[int], generator: torch.Generator
-    ) -> tuple[Tensor, list[tuple[tuple[int, int, int, int], int]]]:
-        size = self.canvas_size
-        canvas = torch.zeros(size, size, dtype=torch.uint8)
-        lo, hi = self.digits_per_image
-        wanted = int(torch.randint(lo, hi + 1, (), generator=generator))
-        placed: list[tuple[tuple[int, int, int, int], int]] = []
-        for _ in range(wanted * 20):  # rejection sampling of non-overlapping spots
-            if len(placed) == wanted:
-                break
-            side = int(torch.randint(self.digit_size[0], self.digit_size[1] + 1, (), generator=generator))
-            x, y = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=generator))
-            if any(x < b[2] and b[0] < x + side and y < b[3] and b[1] < y + side for b, _ in placed):
-                continue
-            source = pool[int(torch.randint(len(pool), (), generator=generator))]
-            pixels = torch.from_numpy(digits.images[source]).float()[None, None] * (255.0 / 16.0)
-            patch = torch.nn.functional.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False)
-            patch = patch[0, 0].round().clamp(0, 255).to(torch.uint8)
-            ink = (patch > 32).nonzero()
-            if len(ink) == 0:
-                continue
-            region = canvas[y : y + side, x : x + side]
-            torch.maximum(region, patch, out=region)
-            (top, left), (bottom, right) = ink.min(0).values.tolist(), ink.max(0).values.tolist()
-            placed.append(((x + left, y + top, x + right + 1, y + bottom + 1), source))
-        return canvas, placed
-
-
-class CocoResultsWriter(BasePredictionWriter):
-    """Write ``predict`` detections as a COCO results JSON: ``image_id, category_id, bbox [x, y, w, h], score``.
-
-    The file loads with ``pycocotools.coco.COCO.loadRes`` against the predicted split's annotations
-    (the image and category ids are theirs). On new images (``data.init_args.predict_root``) there are
-    no image ids: each row names its ``file`` and its ``category`` (the name) beside the category id,
-    files in sorted path order. Under DDP the ranks' detections are gathered and rank 0 writes one
-    file, atomically.
-
-    Args:
-        output: the JSON path.
-    """
-
-    def __init__(self, output: str | Path = "detections.json") -> None:
-        super().__init__(write_interval="epoch")
-        self.output = Path(output)
-
-    def write_on_epoch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
-    ) -> None:
-        """Map labels back to COCO category ids (and images to files) and write the file."""
-        category_ids = getattr(trainer.datamodule, "category_ids", None)
-        names = getattr(trainer.datamodule, "classes", None)
-        loader = trainer.predict_dataloaders
-        files = getattr((loader[0] if isinstance(loader, list) else loader).dataset, "files", None)
-        preds = predictions[0] if _nested(predictions) else predictions
-        indices = batch_indices[0] if _nested(batch_indices) else batch_indices
-        by_image: dict[int | str, list[dict[str, Any]]] = {}
-        for batch, batch_idx in zip(preds, indices or [None] * len(preds)):
-            for j, det in enumerate(batch):
-                key: int | str = files[batch_idx[j]] if files is not None else int(det.get("image_id", -1))
-                rows = by_image.setdefault(key, [])
-                boxes = det["boxes"].tolist()
-                for (x0, y0, x1, y1), label, score in zip(boxes, det["labels"].tolist(), det["scores"].tolist()):
-                    row: dict[str, Any] = {"file": key} if files is not None else {"image_id": key}
-                    row["category_id"] = category_ids[label - 1] if category_ids else label
-                    if files is not None and names:
-                        row["category"] = names[label - 1]
-                    row["bbox"] = [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
-                    row["score"] = round(score, 5)
-                    rows.append(row)
-        by_image = gather_to_rank_zero(trainer, by_image)
-        if files is not None:  # the order of the folder, whatever rank predicted what
-            by_image = {f: by_image[f] for f in files if f in by_image}
-        results = [row for rows in by_image.values() for row in rows]
-        if trainer.global_rank != 0:
-            return
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.output.with_name(self.output.name + ".tmp")
-        tmp.write_text(json.dumps(results))
-        os.replace(tmp, self.output)
-        where = f"{len(by_image)} files" if files is not None else f"{len(by_image)} images"
-        print(f"{len(results)} detections on {where} written to {self.output}")
-        thresh = getattr(getattr(pl_module, "roi_heads", None), "score_thresh", None)
-        if not results and thresh:  # an empty file is easy to mistake for a broken run
-            print(
-                f"No region scored above box_score_thresh={thresh}: lower it with "
-                "--model.init_args.box_score_thresh (e.g. 0.01) to see the model's best guesses."
-            )
-
-
-def _nested(values: Any) -> bool:
-    """Whether Lightning gave per-dataloader lists (several predict dataloaders) rather than per-batch ones."""
-    return bool(values) and isinstance(values[0], list) and bool(values[0]) and isinstance(values[0][0], list)

@@ -1,20 +1,13 @@
-"""Data modules: an ImageFolder tree on disk, and the offline digits set written as one."""
+"""ImageFolderDataModule: class folders of images on disk, decoded to uint8 and normalised on the device."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
@@ -34,7 +27,7 @@ from lightning_frozenbn.decode import (
     nvjpeg_available,
 )
 
-__all__ = ["DataError", "DigitsDataModule", "EpochShuffleSampler", "ImageFolderDataModule", "PredictionWriter"]
+__all__ = ["EpochShuffleSampler", "ImageFolderDataModule"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,22 +107,6 @@ def predict_files(root: Path) -> list[str]:
     if not files:
         raise DataError(f"predict_root {str(root)!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)}).")
     return files
-
-
-def gather_to_rank_zero(trainer: pl.Trainer, rows: dict[Any, Any]) -> dict[Any, Any]:
-    """Every rank's ``rows`` merged under DDP, each key once (the first rank's value).
-
-    The distributed sampler repeats a few items to even out the ranks; a repeat must not be written twice.
-    """
-    if trainer.world_size <= 1 or not torch.distributed.is_initialized():
-        return rows
-    gathered: list[Any] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(gathered, rows)
-    merged: dict[Any, Any] = {}
-    for part in gathered:
-        for key, value in part.items():
-            merged.setdefault(key, value)
-    return merged
 
 
 class _UnlabelledImages(Dataset):
@@ -434,183 +411,3 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Batches of ``predict_split``, in file order (the prediction writer relies on it)."""
         return self._loader("predict", shuffle=False)
-
-
-class DigitsDataModule(ImageFolderDataModule):
-    """The 1,797 real handwritten digits that ship inside scikit-learn, written once as PNG files.
-
-    Offline and real: ``prepare_data`` writes ``root/train/<digit>/*.png`` and ``root/val/<digit>/*.png``
-    with a fixed, seeded, stratified split; from then on this *is* an ImageFolderDataModule, so the
-    quickstart reads files exactly as a user's own data would be read. The 8x8 images are upscaled by
-    the transforms to ``image_size``.
-
-    Args:
-        root: where to write the PNG tree (reused if complete).
-        val_fraction: share of each digit class held out for validation.
-        seed: seed of the split and of the shuffle order.
-        **kwargs: the ImageFolderDataModule arguments.
-    """
-
-    def __init__(
-        self,
-        root: str | Path = "data/digits",
-        image_size: int = 32,
-        batch_size: int = 32,
-        num_workers: int = 2,
-        min_scale: float = 0.6,
-        hflip: bool = False,
-        pin_memory: bool | None = None,
-        predict_split: str = "val",
-        augment: bool = True,
-        val_fraction: float = 0.2,
-        seed: int = 0,
-        decode: Literal["tensor", "pil"] = "tensor",
-        decode_device: Literal["cpu", "cuda"] = "cpu",
-        predict_root: str | Path | None = None,
-        class_names: list[str] | None = None,
-        eval_resize: int | None = None,
-    ) -> None:
-        super().__init__(
-            root,
-            image_size,
-            batch_size,
-            num_workers,
-            min_scale,
-            hflip,
-            pin_memory,
-            predict_split,
-            augment,
-            seed,
-            decode,
-            decode_device,
-            predict_root,
-            class_names,
-            eval_resize,
-        )
-        if not 0 < val_fraction < 1:
-            raise DataError(f"val_fraction={val_fraction!r} is invalid: expected a fraction in (0, 1), e.g. 0.2.")
-        self.val_fraction, self.seed = val_fraction, seed
-
-    @property
-    def num_classes(self) -> int:
-        """Ten digits, known before the files exist."""
-        return 10
-
-    def prepare_data(self) -> None:
-        """Write the PNG tree once (atomically: a half-written tree is never mistaken for a complete one)."""
-        if (self.root / ".complete").is_file():
-            return
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        generator = torch.Generator().manual_seed(self.seed)
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=self.root.parent))
-        for label in range(10):
-            indices = [i for i, t in enumerate(digits.target) if t == label]
-            order = torch.randperm(len(indices), generator=generator).tolist()
-            n_val = round(len(indices) * self.val_fraction)
-            for rank, position in enumerate(order):
-                index = indices[position]
-                split = "val" if rank < n_val else "train"
-                folder = tmp / split / str(label)
-                folder.mkdir(parents=True, exist_ok=True)
-                pixels = (digits.images[index] * (255.0 / 16.0)).round().astype("uint8")
-                Image.fromarray(pixels).save(folder / f"{index:04d}.png")
-        publish_complete(tmp, self.root, f"sklearn load_digits, val_fraction={self.val_fraction}, seed={self.seed}")
-
-
-def _written_by_us(root: Path) -> bool:
-    """Whether ``root`` holds only what the digits writers write (train/val folders of PNGs, split JSONs).
-
-    Only such a folder without its ``.complete`` marker (an older, non-atomic writer's leftover) may be
-    replaced; a user's own folder or file given as ``root`` by mistake never is.
-    """
-    if not root.is_dir():
-        return False
-    for path in root.rglob("*"):
-        parts = path.relative_to(root).parts
-        if parts[0] not in ("train", "val", "train.json", "val.json"):
-            return False
-        if path.is_file() and len(parts) > 1 and path.suffix != ".png":
-            return False
-        if path.is_dir() and len(parts) > 1 and not (len(parts) == 2 and parts[1].isdigit()):
-            return False
-    return True
-
-
-def publish_complete(tmp: Path, root: Path, description: str) -> None:
-    """Mark the tree written in ``tmp`` complete and move it to ``root`` in one rename.
-
-    A half-written tree is never mistaken for a complete one (``root/.complete`` is the marker). Several
-    nodes on a shared filesystem may write at once (prepare_data runs once per node): the first complete
-    tree wins and is never deleted; the others drop their own copy.
-    """
-    if root.exists() and not (root / ".complete").is_file() and not _written_by_us(root):
-        shutil.rmtree(tmp, ignore_errors=True)
-        what = "is a file" if not root.is_dir() else "is a folder of other files"
-        raise DataError(
-            f"Cannot write the {description.split(',')[0]} set to {str(root)!r}: it {what}, not a set this package "
-            "wrote, and nothing of yours is replaced. Set `data.init_args.root` to a new folder (e.g. data/digits)."
-        )
-    (tmp / ".complete").write_text(description + "\n")
-    for _ in range(3):
-        if (root / ".complete").is_file():  # another node (or an earlier run) published it: drop our copy
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        try:
-            os.replace(tmp, root)  # fails while root is a non-empty folder: never replaces a complete tree
-            return
-        except OSError:
-            if (root / ".complete").is_file():
-                continue
-        # an incomplete leftover of a killed writer: moved aside in one rename before it is deleted, so
-        # nothing is deleted under a path another node may be publishing to at this moment
-        aside = root.with_name(f".{root.name}-stale-{os.getpid()}")
-        with contextlib.suppress(OSError):
-            os.replace(root, aside)
-        shutil.rmtree(aside, ignore_errors=True)
-    raise DataError(f"Could not publish {root}: it keeps changing (another writer?). Delete it and rerun.")
-
-
-class PredictionWriter(BasePredictionWriter):
-    """Write ``file, predicted_class, probability`` rows to a CSV file after ``predict``.
-
-    One file in the dataset's order (sorted paths), whatever the number of processes: under DDP the
-    ranks' rows are gathered and rank 0 writes them, each file once (the distributed sampler may repeat
-    a few to even out the ranks). Written to a temporary file and renamed: never half a file.
-
-    Args:
-        output: the CSV path.
-    """
-
-    def __init__(self, output: str | Path = "predictions.csv") -> None:
-        super().__init__(write_interval="epoch")
-        self.output = Path(output)
-
-    def write_on_epoch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
-    ) -> None:
-        """Map each prediction back to its file through the dataset's sample list."""
-        loader = trainer.predict_dataloaders
-        dataset = (loader[0] if isinstance(loader, list) else loader).dataset
-        preds = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
-        indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
-        rows: dict[int, tuple[str, str, str]] = {}
-        for probs, batch_idx in zip(preds, indices):
-            confidence, label = probs.float().max(dim=-1)
-            for i, c, p in zip(batch_idx, label.tolist(), confidence.tolist()):
-                file = dataset.samples[i][0] if hasattr(dataset, "samples") else str(i)
-                name = dataset.classes[c] if hasattr(dataset, "classes") else str(c)
-                rows[int(i)] = (file, name, f"{p:.6f}")
-        rows = gather_to_rank_zero(trainer, rows)
-        if trainer.global_rank != 0:
-            return
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.output.with_name(self.output.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file", "predicted_class", "probability"])
-            writer.writerows(rows[i] for i in sorted(rows))
-        os.replace(tmp, self.output)
-        print(f"{len(rows)} predictions written to {self.output}")

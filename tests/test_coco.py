@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from lightning_frozenbn import CocoDetectionDataModule, CocoResultsWriter, DataError, DigitsDetectionDataModule
+from lightning_frozenbn import CocoDetectionDataModule, CocoResultsWriter, DataError
 
 
 def write_coco(tmp_path, annotations=None, images=None, categories=None, name="train"):
@@ -161,32 +161,6 @@ def test_val_categories_must_match_training(tmp_path):
     )
     with pytest.raises(DataError, match=r"val categories .* differ from the model.s categories"):
         CocoDetectionDataModule(*train, *val, num_workers=0).setup("fit")
-
-
-def test_digits_detection_set_is_real_tight_seeded_and_split_by_source(tmp_path):
-    dm = DigitsDetectionDataModule(root=tmp_path / "d", canvas_size=64, digit_size=(16, 24), num_train=12, num_val=6)
-    dm.prepare_data()
-    again = DigitsDetectionDataModule(root=tmp_path / "e", canvas_size=64, digit_size=(16, 24), num_train=12, num_val=6)
-    again.prepare_data()
-    assert (tmp_path / "d" / "train.json").read_text() == (tmp_path / "e" / "train.json").read_text()
-    with contextlib.redirect_stdout(io.StringIO()):
-        train, val = COCO(str(tmp_path / "d" / "train.json")), COCO(str(tmp_path / "d" / "val.json"))
-    assert len(train.getImgIds()) == 12 and len(val.getImgIds()) == 6 and len(train.getCatIds()) == 10
-    identities = [{a["identity"] for a in c.dataset["annotations"]} for c in (train, val)]
-    assert identities[0] and identities[1] and not identities[0] & identities[1]  # no val digit is trained on
-    dm.setup("fit")
-    for index in range(12):
-        image, target = dm._datasets["train"][index]
-        ink = image[0] > 32
-        assert 1 <= len(target["boxes"]) <= 3
-        inside = torch.zeros_like(ink)
-        for x0, y0, x1, y1 in target["boxes"].int().tolist():
-            inside[y0:y1, x0:x1] = True
-            # tight: ink touches every edge of the box
-            assert (
-                ink[y0, x0:x1].any() and ink[y1 - 1, x0:x1].any() and ink[y0:y1, x0].any() and ink[y0:y1, x1 - 1].any()
-            )
-        assert not (ink & ~inside).any()  # no ink outside the boxes
 
 
 class _GroundTruthAsDetections(__import__("lightning").pytorch.LightningModule):

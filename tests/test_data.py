@@ -5,7 +5,7 @@ import torch
 from conftest import requires_gpu
 from PIL import Image
 
-from lightning_frozenbn import DataError, DigitsDataModule, ImageFolderDataModule
+from lightning_frozenbn import DataError, ImageFolderDataModule
 from lightning_frozenbn.data import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -17,23 +17,6 @@ def make_tree(root, splits=("train", "val"), classes=("cat", "dog"), n=3, size=4
             for i in range(n):
                 Image.new("RGB", (size, size), (i * 40, 100, 200)).save(folder / f"{i}.png")
     return root
-
-
-def test_digits_are_written_once_as_a_stratified_png_tree(tmp_path):
-    dm = DigitsDataModule(root=tmp_path / "digits", num_workers=0)
-    dm.prepare_data()
-    files = sorted((tmp_path / "digits").rglob("*.png"))
-    assert len(files) == 1797
-    train = list((tmp_path / "digits" / "train").rglob("*.png"))
-    val = list((tmp_path / "digits" / "val").rglob("*.png"))
-    assert abs(len(val) / 1797 - 0.2) < 0.01 and len(train) + len(val) == 1797
-    assert dm.classes == [str(d) for d in range(10)] and dm.num_classes == 10
-    stamp = files[0].stat().st_mtime_ns
-    DigitsDataModule(root=tmp_path / "digits").prepare_data()
-    assert files[0].stat().st_mtime_ns == stamp  # reused, not rewritten
-    dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (32, 3, 32, 32) and y.dtype == torch.int64
 
 
 def test_grayscale_and_rgba_images_become_rgb(tmp_path):
@@ -387,55 +370,6 @@ def test_predict_root_reads_any_folder_of_images_in_a_stable_order(tmp_path):
         ImageFolderDataModule(other, class_names=["cat", "dog"]).setup("validate")
 
 
-def test_an_incomplete_tree_of_a_killed_writer_is_replaced(tmp_path):
-    root = tmp_path / "digits"
-    (root / "train" / "3").mkdir(parents=True)
-    (root / "train" / "3" / "half.png").write_bytes(b"\x89PNG half")  # killed mid-write: no .complete marker
-    DigitsDataModule(root=root).prepare_data()
-    assert (root / ".complete").is_file() and len(list(root.rglob("*.png"))) == 1797
-    assert not (root / "train" / "3" / "half.png").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # the leftover moved aside and deleted
-
-
-@pytest.mark.parametrize("when", ["while-writing", "right-after-our-check", "at-the-rename"])
-def test_digits_written_concurrently_keep_the_first_complete_tree(tmp_path, monkeypatch, when):
-    """Two nodes on a shared filesystem: the one that finishes second must not delete the first's tree."""
-    import os
-
-    import lightning_frozenbn.data as data
-
-    root, raced = tmp_path / "digits", []
-
-    def other_node_finishes(original):
-        def wrapper(*args, **kwargs):
-            if not raced:
-                raced.append(True)
-                DigitsDataModule(root=root).prepare_data()  # completes while we are still busy
-                (root / "in-use-by-the-other-node").write_text("reading")
-            return original(*args, **kwargs)
-
-        return wrapper
-
-    if when == "while-writing":
-        monkeypatch.setattr(data.Image, "fromarray", other_node_finishes(data.Image.fromarray))
-    elif when == "right-after-our-check":  # our look at root/.complete said "not yet"; then it was published
-        is_file = Path.is_file
-
-        def stale_answer(path):
-            if path == root / ".complete" and not raced and any(tmp_path.glob(".digits-*")):
-                other_node_finishes(lambda: None)()
-                return False
-            return is_file(path)
-
-        monkeypatch.setattr(Path, "is_file", stale_answer)
-    else:
-        monkeypatch.setattr(data.os, "replace", other_node_finishes(os.replace))
-    DigitsDataModule(root=root).prepare_data()
-    assert raced and (root / "in-use-by-the-other-node").is_file() and (root / ".complete").is_file()
-    assert len(list(root.rglob("*.png"))) == 1797
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".digits-")]  # no leftover copy
-
-
 # ---- data order: a new order every epoch, the same order after a resume, disjoint ranks ------------------
 def order_tree(root, n=12):
     """``n`` solid-colour training images (channel 0 = 20 * i): each sample is known by its colour."""
@@ -510,17 +444,3 @@ def test_two_ranks_see_disjoint_samples_and_together_all_of_them(tmp_path):
         zero, one = ranks[0][epoch], ranks[1][epoch]
         assert len(zero) == len(one) == 6 and not set(zero) & set(one), (epoch, zero, one)
     assert ranks[0]["0"] != ranks[0]["1"]  # and each rank's share changes between epochs
-
-
-@pytest.mark.parametrize("kind", ["file", "folder"])
-def test_a_digits_root_that_holds_something_else_is_refused_and_kept(tmp_path, kind):
-    root = tmp_path / "mine"
-    if kind == "file":
-        root.write_text("my notes")
-    else:
-        make_tree(root, classes=("cat", "dog"))  # the user's own image folders, given as root by mistake
-    before = sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
-    with pytest.raises(DataError, match=rf"Cannot write the sklearn load_digits set to '.*mine': it is a {kind}"):
-        DigitsDataModule(root=root).prepare_data()
-    after = sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
-    assert after == before  # nothing renamed aside, nothing deleted, no temporary copy left
