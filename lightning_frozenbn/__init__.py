@@ -2,10 +2,11 @@
 
 from lightning_frozenbn.backbone import ARCHS, NORMS, ResNetBackbone, ResNetHead, build_resnet
 from lightning_frozenbn.checkpoint import AtomicCheckpointIO, ResumableCheckpoint
+from lightning_frozenbn.classifier import FrozenBNClassifier
 from lightning_frozenbn.coco import CocoDetectionDataModule
 from lightning_frozenbn.data import ImageFolderDataModule
-from lightning_frozenbn.digits import DigitsDataModule, DigitsDetectionDataModule
 from lightning_frozenbn.detection import FrozenBNDetector
+from lightning_frozenbn.digits import DigitsDataModule, DigitsDetectionDataModule
 from lightning_frozenbn.ema import FrozenEMA
 from lightning_frozenbn.errors import (
     CheckpointError,
@@ -25,7 +26,7 @@ from lightning_frozenbn.fold import (
 )
 from lightning_frozenbn.guard import FrozenModuleGuard, eval_subtrees, find_frozen_modules, is_frozen_norm
 from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
-from lightning_frozenbn.module import FrozenBNClassifier, FrozenBNModule
+from lightning_frozenbn.module import FrozenBNModule
 from lightning_frozenbn.norm import StatsFrozenBatchNorm2d, calibrate_bn, convert_frozen_batchnorm, to_batchnorm
 from lightning_frozenbn.parser import ConciseErrorsParser
 from lightning_frozenbn.writers import CocoResultsWriter, PredictionWriter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing_extensions import override
 from lightning_frozenbn.errors import CheckpointError
 from lightning_frozenbn.files import write_atomically
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "ResumableCheckpoint"]
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "ResumableCheckpoint", "check_checkpoint_kind", "saved_model_class"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -131,3 +132,51 @@ class ResumableCheckpoint(ModelCheckpoint):
             return
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+# a checkpoint saved outside LightningCLI names no class: its layers tell the two kinds apart
+_CLASS_BY_LAYERS = (
+    ("roi_heads.", "lightning_frozenbn.detection.FrozenBNDetector"),
+    ("classifier.weight", "lightning_frozenbn.classifier.FrozenBNClassifier"),
+)
+
+
+def saved_model_class(checkpoint: dict[str, Any]) -> str | None:
+    """The class path of the LightningModule that saved ``checkpoint``, or None when it cannot be told.
+
+    LightningCLI records it in the hyperparameters (``_class_path``); a checkpoint saved by a plain
+    Trainer is recognised by its layers (detection heads or a classifier).
+    """
+    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if isinstance(class_path, str):
+        return class_path
+    keys = checkpoint.get("state_dict") or {}
+    return next((path for prefix, path in _CLASS_BY_LAYERS if any(k.startswith(prefix) for k in keys)), None)
+
+
+def check_checkpoint_kind(saved: str | None, model_class: type, source: str) -> None:
+    """Refuse a checkpoint of the other kind of model (a classifier's given to the detector, or back).
+
+    Why here and not at the state dict: Lightning would report two hundred missing and unexpected keys,
+    and the CLI would even switch the model to the class the checkpoint names. Unimportable classes
+    (a research subclass not installed here) pass: Lightning's own error names them.
+
+    Raises:
+        CheckpointError: naming the file, both classes, the command for it and the ``weights`` route.
+    """
+    family = next((c for c in model_class.__mro__ if "command" in vars(c)), None)
+    if saved is None or family is None:
+        return
+    module, _, name = saved.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return
+    if not isinstance(cls, type) or issubclass(cls, family):
+        return
+    command = getattr(cls, "command", None)
+    use = f"Use `{command}` for it, or, to" if command else "To"
+    raise CheckpointError(
+        f"{source} is a checkpoint of {name}, not of {family.__name__}: this cannot resume or evaluate it. {use} "
+        "start from its backbone and head, pass it as `model.init_args.weights` instead of --ckpt_path."
+    )

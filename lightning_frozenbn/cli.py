@@ -19,14 +19,19 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_frozenbn.backbone import eval_resize_for
-from lightning_frozenbn.checkpoint import AtomicCheckpointIO, ResumableCheckpoint
+from lightning_frozenbn.checkpoint import (
+    AtomicCheckpointIO,
+    ResumableCheckpoint,
+    check_checkpoint_kind,
+    saved_model_class,
+)
+from lightning_frozenbn.classifier import FrozenBNClassifier
 from lightning_frozenbn.coco import CocoDetectionDataModule
 from lightning_frozenbn.data import ImageFolderDataModule
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.errors import FrozenStateViolation, InputError
 from lightning_frozenbn.guard import FrozenModuleGuard
 from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
-from lightning_frozenbn.module import FrozenBNClassifier, check_checkpoint_kind, saved_model_class
 from lightning_frozenbn.parser import ConciseErrorsParser
 from lightning_frozenbn.writers import CocoResultsWriter, PredictionWriter
 

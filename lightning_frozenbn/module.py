@@ -2,77 +2,23 @@
 
 from __future__ import annotations
 
-import copy
-import importlib
 import math
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-import torchvision
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_frozenbn.backbone import Norm, build_resnet
-from lightning_frozenbn.checkpoint import CheckpointError
+from lightning_frozenbn.checkpoint import check_checkpoint_kind, saved_model_class
 from lightning_frozenbn.fold import fold_frozen_batchnorm
-from lightning_frozenbn.norm import calibrate_bn, to_batchnorm
+from lightning_frozenbn.norm import calibrate_bn
 from lightning_frozenbn.seeding import seed_step
 
-__all__ = ["FrozenBNClassifier", "FrozenBNModule", "default_optimizer"]
-
-
-# a checkpoint saved outside LightningCLI names no class: its layers tell the two kinds apart
-_CLASS_BY_LAYERS = (
-    ("roi_heads.", "lightning_frozenbn.detection.FrozenBNDetector"),
-    ("classifier.weight", "lightning_frozenbn.module.FrozenBNClassifier"),
-)
-
-
-def saved_model_class(checkpoint: dict[str, Any]) -> str | None:
-    """The class path of the LightningModule that saved ``checkpoint``, or None when it cannot be told.
-
-    LightningCLI records it in the hyperparameters (``_class_path``); a checkpoint saved by a plain
-    Trainer is recognised by its layers (detection heads or a classifier).
-    """
-    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
-    if isinstance(class_path, str):
-        return class_path
-    keys = checkpoint.get("state_dict") or {}
-    return next((path for prefix, path in _CLASS_BY_LAYERS if any(k.startswith(prefix) for k in keys)), None)
-
-
-def check_checkpoint_kind(saved: str | None, model_class: type, source: str) -> None:
-    """Refuse a checkpoint of the other kind of model (a classifier's given to the detector, or back).
-
-    Why here and not at the state dict: Lightning would report two hundred missing and unexpected keys,
-    and the CLI would even switch the model to the class the checkpoint names. Unimportable classes
-    (a research subclass not installed here) pass: Lightning's own error names them.
-
-    Raises:
-        CheckpointError: naming the file, both classes, the command for it and the ``weights`` route.
-    """
-    family = next((c for c in model_class.__mro__ if "command" in vars(c)), None)
-    if saved is None or family is None:
-        return
-    module, _, name = saved.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return
-    if not isinstance(cls, type) or issubclass(cls, family):
-        return
-    command = getattr(cls, "command", None)
-    use = f"Use `{command}` for it, or, to" if command else "To"
-    raise CheckpointError(
-        f"{source} is a checkpoint of {name}, not of {family.__name__}: this cannot resume or evaluate it. {use} "
-        "start from its backbone and head, pass it as `model.init_args.weights` instead of --ckpt_path."
-    )
+__all__ = ["FrozenBNModule", "default_optimizer"]
 
 
 def default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
@@ -348,170 +294,10 @@ class FrozenBNModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
 
-class FrozenBNClassifier(FrozenBNModule):
-    """Image classifier on a frozen-BN torchvision ResNet: backbone (stem..layer3) + head (layer4) + linear.
+def __getattr__(name: str) -> Any:
+    """``lightning_frozenbn.module.FrozenBNClassifier``, where configs and checkpoints of earlier versions name it."""
+    if name == "FrozenBNClassifier":
+        from lightning_frozenbn.classifier import FrozenBNClassifier
 
-    Meant to be subclassed by research code: override :meth:`forward_features` (the embedding),
-    :meth:`forward` (the logits), :meth:`compute_loss` or :meth:`param_groups` and keep the rest
-    (metrics, optimizer wiring, calibration, finite-loss check, export).
-
-    Args:
-        num_classes: number of classes; LightningCLI links it from the data module.
-        arch: torchvision ResNet name, see :data:`lightning_frozenbn.ARCHS`.
-        weights: None, a torchvision weight name ("DEFAULT", "IMAGENET1K_V2", ...) or a local file.
-        norm: BN policy: "frozen", "eval", "train" or "sync" (see :func:`build_resnet`).
-        freeze_at: detectron2's freeze_at, 0..5; 2 freezes the stem and layer1.
-        fold: fold frozen BN into the preceding convolutions (same function, faster, less memory).
-        compile: ``torch.compile`` the backbone and head in place (state-dict keys unchanged). Off by
-            default: it pays on GPU, rarely on CPU.
-        channels_last: run the network in channels_last memory format (faster on tensor-core GPUs).
-        backbone_lr_mult: the backbone's learning rate is the optimizer's times this factor
-            (e.g. 0.1: a pretrained backbone moves slower than the freshly initialised head).
-        label_smoothing: cross-entropy label smoothing.
-        calibrate_bn: before training, re-estimate the frozen BN statistics on this many training
-            batches (0 = keep the loaded statistics). Use it when the data is far from ImageNet or the
-            weights are random. Skipped when resuming: the statistics come from the checkpoint.
-        check_finite: stop training with a clear error at the first NaN/inf loss (all ranks). True
-            checks every step before the backward pass (the weights stay clean), which reads the loss
-            on the host: a device sync per step. "deferred" checks each step's loss at the next step
-            (and before any checkpoint is saved) so the GPU queue never drains; the weights then
-            already carry the bad step when it stops. False turns the check off.
-        optimizer: optimizer factory, set in YAML as ``optimizer: {class_path: torch.optim.AdamW, ...}``.
-        scheduler: LR scheduler factory; None means cosine decay to 0 over the whole run, per step.
-        scheduler_interval: when a scheduler given in ``scheduler`` steps: "epoch" or "step"
-            (OneCycleLR and other per-iteration schedules want "step").
-        scheduler_frequency: step the scheduler every this many intervals.
-        scheduler_monitor: the logged metric a ReduceLROnPlateau scheduler watches (default
-            ``val/loss``); ignored by other schedulers.
-        warmup_steps: linear warmup from 0 over this many steps before the default cosine decay.
-        no_decay_norm_bias: no weight decay on biases and normalisation parameters (one-dimensional
-            tensors), the fine-tuning convention of timm and detectron2.
-    """
-
-    #: the console command for this kind of model (named when a checkpoint of the other kind is given)
-    command: ClassVar[str] = "lightning-frozenbn"
-
-    def __init__(
-        self,
-        num_classes: int,
-        arch: str = "resnet50",
-        weights: str | None = None,
-        norm: Norm = "frozen",
-        freeze_at: int = 2,
-        fold: bool = True,
-        compile: bool = False,
-        channels_last: bool = False,
-        backbone_lr_mult: float = 1.0,
-        label_smoothing: float = 0.0,
-        calibrate_bn: int = 0,
-        check_finite: bool | Literal["deferred"] = True,
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Literal["epoch", "step"] = "epoch",
-        scheduler_frequency: int = 1,
-        scheduler_monitor: str = "val/loss",
-        warmup_steps: int = 0,
-        no_decay_norm_bias: bool = False,
-    ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(
-                f"num_classes={num_classes!r} is invalid: expected an integer >= 2 (the number of class "
-                "folders in your data; a classifier needs two). With the CLI it is taken from the data module; "
-                "do not set it twice."
-            )
-        super().__init__(
-            arch=arch,
-            weights=weights,
-            norm=norm,
-            freeze_at=freeze_at,
-            fold=fold,
-            compile=compile,
-            channels_last=channels_last,
-            backbone_lr_mult=backbone_lr_mult,
-            calibrate_bn=calibrate_bn,
-            check_finite=check_finite,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scheduler_interval=scheduler_interval,
-            scheduler_frequency=scheduler_frequency,
-            scheduler_monitor=scheduler_monitor,
-            warmup_steps=warmup_steps,
-            no_decay_norm_bias=no_decay_norm_bias,
-        )
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.classifier = nn.Linear(self.head.out_channels, num_classes)
-        metric_ks = (1, 5) if num_classes >= 5 else (1,)
-        self.val_acc = nn.ModuleDict(
-            {f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in metric_ks}
-        )
-        self.test_acc = copy.deepcopy(self.val_acc)
-
-    # ---- the parts research code overrides -------------------------------------------------
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Return the embedding ``(N, head.out_channels)``: backbone then head."""
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(self.backbone(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Return class logits."""
-        return self.classifier(self.forward_features(x))
-
-    def compute_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Cross-entropy (with optional label smoothing)."""
-        return F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
-
-    # ---- Lightning hooks --------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """One step; stops all ranks at the first non-finite loss instead of training on garbage."""
-        x, y = batch[0], batch[1]
-        loss = self.compute_loss(self(x), y)
-        self.check_loss_finite(loss, batch_idx)
-        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
-        return loss
-
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metrics: nn.ModuleDict) -> None:
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        self.log(f"{stage}/loss", self.compute_loss(logits, y), sync_dist=True, batch_size=x.shape[0])
-        for name, metric in metrics.items():
-            metric(logits, y)
-            key = f"{stage}/acc" if name == "top1" else f"{stage}/acc_{name}"
-            self.log(key, metric, prog_bar=name == "top1", batch_size=x.shape[0])
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Loss, top-1 and top-5 accuracy on the validation split."""
-        self._eval_step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Loss, top-1 and top-5 accuracy on the test split."""
-        self._eval_step(batch, "test", self.test_acc)
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """Class probabilities ``(N, num_classes)``."""
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).softmax(dim=-1)
-
-    # ---- export -----------------------------------------------------------------------------
-    def to_torchvision(self) -> torchvision.models.ResNet:
-        """Export to a plain ``torchvision.models.<arch>(num_classes=...)`` with nn.BatchNorm2d, in eval mode.
-
-        The result has no dependency on this package, computes the same logits in eval mode, and its
-        ``state_dict()`` is a standard torchvision checkpoint.
-        """
-        trunk = to_batchnorm(copy.deepcopy(nn.ModuleDict({"b": self.backbone, "h": self.head})).cpu().float())
-        state = {**trunk["b"].state_dict(), **trunk["h"].state_dict()}
-        state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
-        state["fc.weight"], state["fc.bias"] = (
-            self.classifier.weight.detach().cpu(),
-            self.classifier.bias.detach().cpu(),
-        )
-        model = getattr(torchvision.models, self.hparams.arch)(num_classes=self.hparams.num_classes)
-        model.load_state_dict(state)
-        return model.eval()
-
-    def export(self, path: str | Path) -> Path:
-        """Write :meth:`to_torchvision`'s state dict to ``path`` (loadable with ``weights_only=True``)."""
-        path = Path(path)
-        torch.save(self.to_torchvision().state_dict(), path)
-        return path
+        return FrozenBNClassifier
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
