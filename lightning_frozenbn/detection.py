@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 from typing import Any, ClassVar, Literal
@@ -20,6 +21,7 @@ from torchvision.ops import boxes as box_ops
 
 from lightning_frozenbn.backbone import Norm
 from lightning_frozenbn.data import IMAGENET_MEAN, IMAGENET_STD
+from lightning_frozenbn.metrics import OncePerImageMAP
 from lightning_frozenbn.module import FrozenBNModule, default_optimizer
 
 __all__ = ["MAP_BACKENDS", "FrozenBNDetector"]
@@ -29,37 +31,58 @@ MAP_BACKENDS = ("pycocotools", "faster_coco_eval")
 _MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 
 
-class _OncePerImageMAP(MeanAveragePrecision):
-    """MeanAveragePrecision that counts each image once, by the ``image_id`` the data gives.
+def _check_arguments(
+    num_classes: Any,
+    min_size: Any,
+    max_size: Any,
+    anchor_sizes: Any,
+    aspect_ratios: Any,
+    box_positive_fraction: Any,
+    map_backend: Any,
+    rpn_pre_nms_top_n_train: Any,
+    rpn_pre_nms_top_n_test: Any,
+    rpn_post_nms_top_n_train: Any,
+    rpn_post_nms_top_n_test: Any,
+    rpn_batch_size_per_image: Any,
+    box_batch_size_per_image: Any,
+    roi_output_size: Any,
+    box_detections_per_img: Any,
+) -> None:
+    """The detector's settings, each refused with the value and what is expected."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(
+            f"num_classes={num_classes!r} is invalid: expected the number of object classes (>= 1, "
+            "background not counted). With the CLI it is taken from the data module; do not set it twice."
+        )
+    sizes = [min_size] if isinstance(min_size, int) else list(min_size)
+    counts = {
+        "max_size": max_size,
+        "rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
+        "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
+        "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
+        "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
+        "rpn_batch_size_per_image": rpn_batch_size_per_image,
+        "box_batch_size_per_image": box_batch_size_per_image,
+        "roi_output_size": roi_output_size,
+        "box_detections_per_img": box_detections_per_img,
+        **{f"min_size[{i}]": s for i, s in enumerate(sizes)},
+        **{f"anchor_sizes[{i}]": s for i, s in enumerate(anchor_sizes)},
+    }
+    if not sizes or not list(anchor_sizes) or not list(aspect_ratios):
+        raise ValueError("min_size, anchor_sizes and aspect_ratios need at least one value each.")
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: expected a positive integer.")
+    if not 0 < box_positive_fraction <= 1 or any(not r > 0 for r in aspect_ratios):
+        raise ValueError(
+            f"box_positive_fraction={box_positive_fraction!r} must be in (0, 1] and aspect_ratios="
+            f"{list(aspect_ratios)!r} positive."
+        )
+    if map_backend not in MAP_BACKENDS:
+        raise ValueError(f"map_backend={map_backend!r} is invalid: expected one of {', '.join(MAP_BACKENDS)}.")
 
-    Why: under DDP Lightning's DistributedSampler pads the evaluation set so every rank gets as many
-    images (torchmetrics' gather needs that too), and the padded images are repeats: without this,
-    validation mAP on 2 ranks differs from the same checkpoint's mAP on one. Images without an id
-    (-1) are all kept.
-    """
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("image_ids", default=[], dist_reduce_fx=None)
-
-    def update(self, preds: list[dict[str, Tensor]], target: list[dict[str, Tensor]]) -> None:  # noqa: D102
-        super().update(preds, target)
-        for t in target:  # one tensor per image, as every state of the parent: gathered in the same order
-            self.image_ids.append(torch.as_tensor(t.get("image_id", -1), device=self.device).reshape(1))
-
-    def compute(self) -> dict[str, Tensor]:  # noqa: D102
-        seen: set[int] = set()
-        keep = []
-        for i, image_id in enumerate(int(t) for t in self.image_ids):
-            if image_id < 0 or image_id not in seen:
-                keep.append(i)
-                seen.add(image_id)
-        if len(keep) < len(self.image_ids):
-            for name in self._defaults:
-                state = getattr(self, name)
-                if isinstance(state, list) and len(state) == len(self.image_ids):
-                    setattr(self, name, [state[i] for i in keep])
-        return {**super().compute(), "images": torch.tensor(len(keep))}  # how many images the figures cover
+_CHECKED_ARGUMENTS = frozenset(inspect.signature(_check_arguments).parameters)
 
 
 class FrozenBNDetector(FrozenBNModule):
@@ -165,37 +188,7 @@ class FrozenBNDetector(FrozenBNModule):
         warmup_steps: int = 0,
         no_decay_norm_bias: bool = False,
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(
-                f"num_classes={num_classes!r} is invalid: expected the number of object classes (>= 1, "
-                "background not counted). With the CLI it is taken from the data module; do not set it twice."
-            )
-        sizes = [min_size] if isinstance(min_size, int) else list(min_size)
-        counts = {
-            "max_size": max_size,
-            "rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
-            "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
-            "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
-            "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
-            "rpn_batch_size_per_image": rpn_batch_size_per_image,
-            "box_batch_size_per_image": box_batch_size_per_image,
-            "roi_output_size": roi_output_size,
-            "box_detections_per_img": box_detections_per_img,
-            **{f"min_size[{i}]": s for i, s in enumerate(sizes)},
-            **{f"anchor_sizes[{i}]": s for i, s in enumerate(anchor_sizes)},
-        }
-        if not sizes or not list(anchor_sizes) or not list(aspect_ratios):
-            raise ValueError("min_size, anchor_sizes and aspect_ratios need at least one value each.")
-        for name, value in counts.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid: expected a positive integer.")
-        if not 0 < box_positive_fraction <= 1 or any(not r > 0 for r in aspect_ratios):
-            raise ValueError(
-                f"box_positive_fraction={box_positive_fraction!r} must be in (0, 1] and aspect_ratios="
-                f"{list(aspect_ratios)!r} positive."
-            )
-        if map_backend not in MAP_BACKENDS:
-            raise ValueError(f"map_backend={map_backend!r} is invalid: expected one of {', '.join(MAP_BACKENDS)}.")
+        _check_arguments(**{name: value for name, value in locals().items() if name in _CHECKED_ARGUMENTS})
         super().__init__(
             arch=arch,
             weights=weights,
@@ -217,26 +210,14 @@ class FrozenBNDetector(FrozenBNModule):
             head_pool=head_pool,
         )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        # several sizes: one drawn per image in training (scale jitter), the last one in evaluation
-        self.transform = GeneralizedRCNNTransform(tuple(sizes), max_size, list(image_mean), list(image_std))
-        anchors = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
-        self.rpn = RegionProposalNetwork(
-            anchors,
-            RPNHead(self.backbone.out_channels, anchors.num_anchors_per_location()[0]),
-            fg_iou_thresh=0.7,
-            bg_iou_thresh=0.3,
-            batch_size_per_image=rpn_batch_size_per_image,
-            positive_fraction=0.5,
-            pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
-            post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
-            nms_thresh=0.7,
-        )
-        # The box head (self.head) is called by forward_roi, not by RoIHeads: box_head is a placeholder
+        self.transform = self.build_transform()
+        self.rpn = self.build_rpn()
+        # The box head (self.head, layer4) is called by forward_roi, not by RoIHeads: box_head is a placeholder
         # so layer4 is registered once, under ``head.`` as in the classifier (its weights load either way).
         self.roi_heads = RoIHeads(
-            MultiScaleRoIAlign(["0"], roi_output_size, roi_sampling_ratio),
+            self.build_roi_pool(),
             nn.Identity(),
-            FastRCNNPredictor(self.head.out_channels, num_classes + 1),
+            self.build_box_predictor(),
             fg_iou_thresh=0.5,
             bg_iou_thresh=0.5,
             batch_size_per_image=box_batch_size_per_image,
@@ -246,15 +227,48 @@ class FrozenBNDetector(FrozenBNModule):
             nms_thresh=box_nms_thresh,
             detections_per_img=box_detections_per_img,
         )
-        predictor = self.roi_heads.box_predictor
-        # Detectron's initialisation: near-zero scores and deltas at the start. nn.Linear's default gives
-        # logits as large as the pretrained head's features (tens, on a digits backbone), and the first
-        # steps then spend themselves undoing them (torchvision starts from COCO weights, never from here).
+        self.val_map = OncePerImageMAP(box_format="xyxy", iou_type="bbox", backend=map_backend)
+        self.test_map = OncePerImageMAP(box_format="xyxy", iou_type="bbox", backend=map_backend)
+
+    # ---- assembly: each part built from the hyperparameters, overridable one by one ----------
+    def build_transform(self) -> GeneralizedRCNNTransform:
+        """Resize (several ``min_size``: one drawn per training image, the last in evaluation), normalise, batch."""
+        hp = self.hparams
+        sizes = (hp.min_size,) if isinstance(hp.min_size, int) else tuple(hp.min_size)
+        return GeneralizedRCNNTransform(sizes, hp.max_size, list(hp.image_mean), list(hp.image_std))
+
+    def build_rpn(self) -> RegionProposalNetwork:
+        """The region proposal network on the C4 map: anchors, the RPN head, sampling and NMS settings."""
+        hp = self.hparams
+        anchors = AnchorGenerator((tuple(hp.anchor_sizes),), (tuple(hp.aspect_ratios),))
+        return RegionProposalNetwork(
+            anchors,
+            RPNHead(self.backbone.out_channels, anchors.num_anchors_per_location()[0]),
+            fg_iou_thresh=0.7,
+            bg_iou_thresh=0.3,
+            batch_size_per_image=hp.rpn_batch_size_per_image,
+            positive_fraction=0.5,
+            pre_nms_top_n={"training": hp.rpn_pre_nms_top_n_train, "testing": hp.rpn_pre_nms_top_n_test},
+            post_nms_top_n={"training": hp.rpn_post_nms_top_n_train, "testing": hp.rpn_post_nms_top_n_test},
+            nms_thresh=0.7,
+        )
+
+    def build_roi_pool(self) -> nn.Module:
+        """RoIAlign of each region from the C4 map (``roi_output_size``, stride 16)."""
+        return MultiScaleRoIAlign(["0"], self.hparams.roi_output_size, self.hparams.roi_sampling_ratio)
+
+    def build_box_predictor(self) -> nn.Module:
+        """Class scores and box deltas from the box head's embedding, Detectron's initialisation.
+
+        Near-zero scores and deltas at the start: nn.Linear's default gives logits as large as the
+        pretrained head's features (tens, on a digits backbone), and the first steps then spend
+        themselves undoing them (torchvision starts from COCO weights, never from here).
+        """
+        predictor = FastRCNNPredictor(self.head.out_channels, self.hparams.num_classes + 1)
         nn.init.normal_(predictor.cls_score.weight, std=0.01)
         nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
         nn.init.zeros_(predictor.cls_score.bias), nn.init.zeros_(predictor.bbox_pred.bias)
-        self.val_map = _OncePerImageMAP(box_format="xyxy", iou_type="bbox", backend=map_backend)
-        self.test_map = _OncePerImageMAP(box_format="xyxy", iou_type="bbox", backend=map_backend)
+        return predictor
 
     # ---- the parts research code overrides -------------------------------------------------
     def forward_backbone(self, images: Tensor) -> Tensor:

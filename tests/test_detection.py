@@ -178,7 +178,7 @@ def test_map_counts_each_image_once_when_ddp_padding_repeats_it():
     """DistributedSampler pads evaluation with repeats of the first images; the detector's mAP drops them."""
     from torchmetrics.detection import MeanAveragePrecision
 
-    from lightning_frozenbn.detection import _OncePerImageMAP
+    from lightning_frozenbn.metrics import OncePerImageMAP as _OncePerImageMAP
 
     def image(i, boxes, scores):
         gt = {"boxes": torch.tensor([[10.0, 10, 30, 30]]), "labels": torch.tensor([1]), "image_id": torch.tensor(i)}
@@ -511,3 +511,25 @@ def test_a_resumed_detector_fit_ends_bit_identical_to_an_uninterrupted_one(tmp_p
     resumed = run("resumed", 3, ckpt_path=tmp_path / "first" / "last.ckpt")
     changed = [k for k in whole if not torch.equal(whole[k], resumed[k])]
     assert not changed, changed[:5]
+
+
+def test_a_subclass_replaces_one_part_without_copying_the_constructor(tmp_path):
+    from torchvision.ops import MultiScaleRoIAlign
+
+    class MaxPooledRegions(FrozenBNDetector):
+        def build_roi_pool(self):
+            return MultiScaleRoIAlign(["0"], 3, sampling_ratio=1)  # a coarser pooler, nothing else changed
+
+        def build_rpn(self):
+            rpn = super().build_rpn()
+            rpn.nms_thresh = 0.6
+            return rpn
+
+    det = MaxPooledRegions(3, **SMALL)
+    assert det.roi_heads.box_roi_pool.output_size == (3, 3) and det.rpn.nms_thresh == 0.6
+    assert det.roi_heads.box_predictor.cls_score.out_features == 4  # the other parts as the base builds them
+    plain = FrozenBNDetector(3, **SMALL)
+    assert det.state_dict().keys() == plain.state_dict().keys()  # same checkpoint layout
+    images, targets = scenes(2)
+    losses = det.train()(images, targets)
+    assert torch.isfinite(torch.stack(list(losses.values()))).all()
