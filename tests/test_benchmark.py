@@ -1,5 +1,4 @@
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,11 +11,11 @@ from conftest import randomize_bn, requires_gpu
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(ROOT / "scripts"))  # the benchmark's sections: scripts/bench/
+
+from bench.epilogue import fuse_epilogues  # noqa: E402
+from bench.saved import saved_bytes  # noqa: E402
+from bench.variants import make_variant  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -24,10 +23,9 @@ def test_fused_epilogue_experiment_is_the_same_function(arch):
     """The GPU experiment's hand-written backward (threshold on the saved output, conv backward) must
     give the same gradients as autograd through the plain folded model: checked here in float64 with
     the composite forward, so a GPU run only has to measure speed."""
-    bench = load_benchmark()
-    ref, _ = bench.make_variant("ours (folded)", arch, 2)
+    ref, _ = make_variant("ours (folded)", arch, 2)
     randomize_bn(ref)
-    fused = bench.fuse_epilogues(copy.deepcopy(ref)).double()
+    fused = fuse_epilogues(copy.deepcopy(ref)).double()
     ref.double()
     assert list(fused.state_dict()) == list(ref.state_dict())
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
@@ -45,13 +43,12 @@ def test_fused_epilogue_experiment_is_the_same_function(arch):
 
 
 def test_saved_bytes_figure_quoted_in_the_readme():
-    """The README's deterministic CPU figure: ResNet-50, batch 8, 64 px, freeze_at 2, bf16 autocast:
+    """The deterministic CPU figure of docs/performance.md: ResNet-50, batch 8, 64 px, freeze_at 2, bf16 autocast:
     ours saves 55.8 MiB for backward, torchvision's FrozenBatchNorm2d 70.4 MiB (0.79x). Timings cannot be asserted on a shared machine; these bytes can."""
     from types import SimpleNamespace
 
-    bench = load_benchmark()
     args = SimpleNamespace(arch="resnet50", saved_batch=8, saved_size=64)
-    rows = bench.saved_bytes(args, torch.device("cpu"), ["ours (folded)", "torchvision FrozenBN"])
+    rows = saved_bytes(args, torch.device("cpu"), ["ours (folded)", "torchvision FrozenBN"])
     saved = {(r["variant"], r["precision"]): r for r in rows}
     ours, theirs = saved[("ours (folded)", "bf16")], saved[("torchvision FrozenBN", "bf16")]
     assert ours["saved_mib"] / theirs["saved_mib"] <= 0.80
@@ -164,10 +161,9 @@ def test_benchmark_script_runs_every_section_and_writes_json(tmp_path):
 def test_fused_epilogue_experiment_on_cuda_bf16_matches_folded():
     """On CUDA the experiment calls cuDNN's fused ops: bf16 out, and outputs and gradients no further
     from the fp32 ones than ours are (bf16 rounding makes elementwise comparison meaningless)."""
-    bench = load_benchmark()
-    ref, _ = bench.make_variant("ours (folded)", "resnet50", 2)
+    ref, _ = make_variant("ours (folded)", "resnet50", 2)
     randomize_bn(ref)
-    fused = bench.fuse_epilogues(copy.deepcopy(ref))
+    fused = fuse_epilogues(copy.deepcopy(ref))
     ref, fused = (m.cuda().to(memory_format=torch.channels_last) for m in (ref, fused))
     x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
 

@@ -1,0 +1,1 @@
+"""The benchmark's sections and what they share; scripts/benchmark.py drives them."""
