@@ -252,6 +252,15 @@ class RankFault(Callback):
                 pl_module.backbone.layer1[0].bn1.running_mean.add_(1.0)
 
 
+class RankEndFault(Callback):
+    """Rank 1 alone moves a frozen tensor after the last epoch check, as an on_train_end copy would."""
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            with torch.no_grad():
+                pl_module.backbone.layer1[0].bn1.running_mean.add_(1.0)
+
+
 class RankStartsDifferent(Callback):
     """Listed before the guard: rank 1's frozen state differs from rank 0's before the reference is taken.
 
@@ -294,6 +303,12 @@ def test_ddp_two_processes_guard_passes_catches_restores_and_warns(tmp_path):
     warned = ddp([RankFault(), FrozenModuleGuard(on_violation="warn")])
     assert torch.load(Path(warned.dirpath) / "last.ckpt", weights_only=True)["epoch"] == 1
     assert _guard_state(warned)["epochs_verified"] <= 1
+    # after the last epoch: each rank checks its own tensors at on_fit_end (no collective that close to exit)
+    with pytest.raises(
+        (FrozenStateViolation, ProcessRaisedException),
+        match=r"at the end of fit(.|\n)*rank 1: backbone.layer1.0.bn1.running_mean: 64 of 64 elements changed",
+    ):
+        ddp([RankEndFault(), FrozenModuleGuard()])
     # check_ranks=False: each rank proves its own state against its own reference, no cross-rank compare
     # (the same start with check_ranks=True is the "holds a different frozen state" report above)
     assert _guard_state(ddp([RankStartsDifferent(), FrozenModuleGuard(check_ranks=False)]))["epochs_verified"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -216,8 +217,12 @@ class FrozenModuleGuard(Callback):
         # The last word, after every callback's on_train_end whatever the callback order: Lightning's
         # EMAWeightAveraging copies its average into the model there, which moves frozen tensors by
         # rounding. Always run, even right after an epoch-end check (that one ran before those hooks).
+        # Each rank checks its own tensors, with no collective: the ranks agreed at the last epoch end, what
+        # moves now is moved locally, and a gloo group used this close to interpreter exit aborted processes
+        # (Lightning's ddp_spawn tests, our two-node run) when it was not destroyed first.
         if self._training_started:
-            self._verify(trainer, f"the end of fit (global step {trainer.global_step}, after every on_train_end)")
+            when = f"the end of fit (global step {trainer.global_step}, after every on_train_end)"
+            self._verify(trainer, when, local_only=True)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -253,18 +258,20 @@ class FrozenModuleGuard(Callback):
         epoch_end: bool = False,
         releasing: frozenset[str] = frozenset(),
         unrecoverable: list[str] | None = None,
+        local_only: bool = False,
     ) -> None:
         self._last_verified_step = trainer.global_step
         local = (problems or []) + self._ledger.changes(releasing)
-        ranks = self._consensus(trainer)
+        ranks = self._consensus(trainer).local() if local_only else self._consensus(trainer)
         diverged: list[str] = []
-        if trainer.world_size > 1 and self.check_ranks:
+        if ranks.world_size > 1 and self.check_ranks:
             ranks.check_same_names(self._ledger.names, "guarded")  # same shapes for the gather
             diverged = ranks.diverged(self._ledger.names, fingerprint(self._ledger.live()))
         if ranks.all_agree(not local) and not diverged:
             if epoch_end:
                 self._epochs_verified += 1
             where = f"on all {trainer.world_size} ranks" if trainer.world_size > 1 else "on rank 0"
+            where = f"on each of {trainer.world_size} ranks" if local_only and trainer.world_size > 1 else where
             rank_zero_info(
                 f"FrozenModuleGuard: {len(self._ledger.names)} frozen tensors bit-identical at {when} {where}."
             )
@@ -401,8 +408,9 @@ def apply_policy(
             message + "\nFrozen tensors must stay bit-identical. Fix the code that changed them, or pass "
             "FrozenModuleGuard(on_violation='restore') to put the reference values back."
         )
+    warn = rank_zero_warn if ranks.world_size > 1 or ranks.rank == 0 else warnings.warn
     if policy == "warn":
-        rank_zero_warn(message)
+        warn(message)
         return
     if not ranks.all_agree(not unrecoverable):
         raise FrozenStateViolation(
@@ -414,4 +422,4 @@ def apply_policy(
     if diverged:
         ranks.broadcast_from_zero(ledger.live())
         ledger.adopt_live_as_reference()
-    rank_zero_warn(message + "\nRestored the reference values of these tensors.")
+    warn(message + "\nRestored the reference values of these tensors.")

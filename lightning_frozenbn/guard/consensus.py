@@ -32,7 +32,13 @@ class Consensus:
 
     def all_agree(self, ok: bool) -> bool:
         """Whether ``ok`` holds on every rank."""
+        if self.world_size <= 1:
+            return ok
         return bool(self.strategy.reduce_boolean_decision(ok, all=True))
+
+    def local(self) -> Consensus:
+        """This rank alone: the same API, no collective (for checks after the ranks stopped talking)."""
+        return Consensus(self.strategy, self.rank, 1)
 
     def gather_objects(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order (``[value]`` alone)."""
