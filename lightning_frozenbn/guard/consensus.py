@@ -69,8 +69,12 @@ class Consensus:
         )
 
     def diverged(self, names: list[str], fingerprints: Tensor) -> list[str]:
-        """One line per rank whose frozen tensors differ from rank 0's (by checksum)."""
-        if self.world_size <= 1:
+        """One line per rank whose frozen tensors differ from rank 0's (by checksum).
+
+        Called after :meth:`check_same_names`: with nothing guarded on this rank, nothing is on any, and an
+        empty gather is not made (gloo's empty all_gather aborted spawned processes at exit).
+        """
+        if self.world_size <= 1 or fingerprints.numel() == 0:
             return []
         gathered = self.strategy.all_gather(fingerprints.to(self.strategy.root_device))
         lines = []
