@@ -36,8 +36,8 @@ def collate_detection(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[li
 class _ParsedCocoDetection(CocoDetection):
     """torchvision's ``CocoDetection`` over annotations parsed (and checked) already: the JSON is read once.
 
-    ``CocoDetection.__init__`` would read and parse the file again (train2017's 450 MB take ~20 s and
-    their size in memory once more); the rest of the class, and ``wrap_dataset_for_transforms_v2``, is
+    ``CocoDetection.__init__`` would read and parse the file again (on train2017's 450 MB JSON, seconds
+    and its size in memory once more); the rest of the class, and ``wrap_dataset_for_transforms_v2``, is
     torchvision's.
     """
 

@@ -100,8 +100,7 @@ def _dense_taps(weight: Tensor, height: int, width: int) -> Tensor:
     """The 3x3 kernel as a dense ``(O*P) x (P*C)`` matrix for a map of P positions.
 
     Rows are (out channel, out position), columns (in position, in channel): rows of C channels are
-    copied whole (an index over the kernel's last two dimensions gathers element by element, 20 ms
-    for layer4 here).
+    copied whole (an index over the kernel's last two dimensions would gather element by element).
     """
     o, c, p = weight.shape[0], weight.shape[1], height * width
     taps = weight.permute(0, 2, 3, 1).reshape(o, 9, c)
@@ -113,10 +112,10 @@ class _Conv3x3OnTinyMap(torch.autograd.Function):
 
     Why: the per-region layer4 of a C4 detector with small RoIs (the CPU quickstart's RoIAlign 4 gives
     2x2 maps) spends most of its step in oneDNN's convolution backward, which on these maps runs at a
-    quarter of its forward's rate (measured here, 128 regions x 512 channels: forward 42 ms, backward
-    198 ms). The kernel covers the whole map, so the convolution is a dense matrix gathered from its
-    taps (no zero-padding taps computed) and BLAS runs forward and backward at full rate (38 ms and
-    68 ms). The dense matrix (1.8x the kernel) is rebuilt in backward instead of saved: what autograd
+    quarter of its forward's rate (profile in ``scripts/benchmark_results/quickstart-2026-11-27b.md`` and
+    ``docs/performance.md``). The kernel covers the whole map, so the convolution is a dense matrix
+    gathered from its taps (no zero-padding taps computed) and BLAS runs forward and backward at full
+    rate. The dense matrix (1.8x the kernel) is rebuilt in backward instead of saved: what autograd
     keeps is the input and the weight, as for the convolution. Exact up to summation order (tested).
     """
 
