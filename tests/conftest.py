@@ -37,6 +37,19 @@ def tiny_loader(n: int = 16, size: int = 32, num_classes: int = 4, batch_size: i
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
+def make_tree(root, splits=("train", "val"), classes=("cat", "dog"), n=3, size=40):
+    """An ImageFolder tree of small solid-colour PNGs: ``root/<split>/<class>/<i>.png``."""
+    from PIL import Image
+
+    for split in splits:
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (size, size), (i * 40, 100, 200)).save(folder / f"{i}.png")
+    return root
+
+
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every BN (BatchNorm2d or FrozenBatchNorm2d) non-trivial statistics and affine values.
 

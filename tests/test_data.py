@@ -2,21 +2,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import requires_gpu
+from conftest import make_tree, requires_gpu
 from PIL import Image
 
 from lightning_frozenbn import DataError, ImageFolderDataModule
 from lightning_frozenbn.data import IMAGENET_MEAN, IMAGENET_STD
-
-
-def make_tree(root, splits=("train", "val"), classes=("cat", "dog"), n=3, size=40):
-    for split in splits:
-        for c in classes:
-            folder = root / split / c
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.new("RGB", (size, size), (i * 40, 100, 200)).save(folder / f"{i}.png")
-    return root
 
 
 def test_grayscale_and_rgba_images_become_rgb(tmp_path):

@@ -6,20 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from conftest import make_tree
 from pycocotools.coco import COCO
 
 from lightning_frozenbn import DataError, DigitsDataModule, DigitsDetectionDataModule
-
-
-def make_tree(root, classes=("cat", "dog"), n=3, size=40):
-    for split in ("train", "val"):
-        for c in classes:
-            folder = root / split / c
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.new("RGB", (size, size), (i * 40, 100, 200)).save(folder / f"{i}.png")
-    return root
 
 
 def test_digits_are_written_once_as_a_stratified_png_tree(tmp_path):
