@@ -100,7 +100,7 @@ class FrozenBNDetector(FrozenBNModule):
 
     Research code overrides :meth:`forward_box_features` (the per-region embedding), :meth:`roi_losses`
     (e.g. add a re-identification loss on the box features, with the sampled regions' matched ground
-    truth) and :meth:`compute_loss` (how the named losses are summed); see the README's "Detection".
+    truth) and :meth:`compute_loss` (how the named losses are summed); see docs/detection.md.
 
     Batches are ``(images, targets)``: lists of ``(3, H, W)`` images (uint8 0..255 or float 0..1, any
     sizes) and of dicts with ``boxes`` (``(K, 4)`` float, xyxy pixels) and ``labels`` (``(K,)`` int64,

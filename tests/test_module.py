@@ -60,7 +60,7 @@ def test_export_to_plain_torchvision_gives_same_logits(tmp_path):
 
 
 class EmbeddingHead(FrozenBNClassifier):
-    """A research subclass as in the README: L2-normalised embedding + cosine classifier."""
+    """A research subclass as in docs/research.md: L2-normalised embedding + cosine classifier."""
 
     def __init__(self, num_classes: int, embed_dim: int = 32, **kwargs):
         super().__init__(num_classes, **kwargs)
