@@ -129,8 +129,6 @@ class FrozenBNModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         """Calibrate frozen BN statistics before the guard takes its reference (``on_train_start``)."""
-        if self._step_seed_base is None:  # the run's seed (seed_everything); a resumed fit has the checkpoint's
-            self._step_seed_base = torch.initial_seed()
         if not self.hparams.calibrate_bn:
             return
         if self.trainer.ckpt_path is not None:
@@ -213,8 +211,8 @@ class FrozenBNModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Seed this step's random draws from (seed, epoch, batch, rank): a resumed fit repeats them exactly."""
-        if self._step_seed_base is None:  # a fit that did not pass through on_fit_start (tests calling steps)
-            self._step_seed_base = torch.initial_seed()
+        if self._step_seed_base is None:  # the run's seed (seed_everything): nothing reseeds before the first
+            self._step_seed_base = torch.initial_seed()  # step; a resumed fit has the checkpoint's
         seed_step(self._step_seed_base, self.current_epoch, batch_idx, self.global_rank)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

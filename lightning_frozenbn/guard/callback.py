@@ -270,8 +270,8 @@ class FrozenModuleGuard(Callback):
         if ranks.all_agree(not local) and not diverged:
             if epoch_end:
                 self._epochs_verified += 1
-            where = f"on all {trainer.world_size} ranks" if trainer.world_size > 1 else "on rank 0"
-            where = f"on each of {trainer.world_size} ranks" if local_only and trainer.world_size > 1 else where
+            ranks_word = f"{'each of' if local_only else 'all'} {trainer.world_size} ranks"
+            where = "on rank 0" if trainer.world_size == 1 else f"on {ranks_word}"
             rank_zero_info(
                 f"FrozenModuleGuard: {len(self._ledger.names)} frozen tensors bit-identical at {when} {where}."
             )
