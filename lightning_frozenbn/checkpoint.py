@@ -95,7 +95,7 @@ def _earlier(path: Path) -> str:
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose ``last.ckpt`` is rewritten after every validation, improved or not.
+    """ModelCheckpoint whose ``last.ckpt`` is rewritten after every validation and every ``every_n_train_steps``.
 
     Why: since Lightning 2.6 ``save_last=True`` writes ``last.ckpt`` only when a top-k checkpoint
     was written in the same step, so after an epoch that did not improve ``val/acc``, ``last.ckpt``
@@ -124,6 +124,23 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         self._ensure_last(trainer, on_train_epoch_end=True)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """With ``every_n_train_steps``, ``last.ckpt`` is a mid-epoch resume point every N steps.
+
+        ModelCheckpoint defers a monitored save until validation (the metric is not there mid-epoch),
+        and ``last`` with it: ``every_n_train_steps`` would then write nothing before the epoch ends,
+        and a loader with a state (streaming) could never resume mid-epoch. The best-k files still
+        follow the monitored metric.
+        """
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        every = self._every_n_train_steps
+        if every >= 1 and trainer.global_step % every == 0 and self._last_global_step_saved != trainer.global_step:
+            if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _ensure_last(self, trainer: pl.Trainer, on_train_epoch_end: bool) -> None:
         if not self.save_last or self._should_skip_saving_checkpoint(trainer):

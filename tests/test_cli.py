@@ -13,7 +13,7 @@ from lightning_frozenbn.cli import detect_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-OVERLAYS = {"ddp.yaml", "multinode.yaml", "reduce_on_plateau.yaml", "ema.yaml"}
+OVERLAYS = {"ddp.yaml", "multinode.yaml", "reduce_on_plateau.yaml", "ema.yaml", "streaming.yaml"}
 DETECTION = {"detection_quickstart.yaml", "fasterrcnn_c4_finetune.yaml"}  # read by lightning-frozenbn-detect
 
 
@@ -58,6 +58,12 @@ def test_every_config_parses(config, capsys):
     assert "class_path: lightning_frozenbn.FrozenModuleGuard" in printed
     if name == "ddp.yaml":
         assert "broadcast_buffers: false" in printed
+    if name == "streaming.yaml":
+        assert (
+            "class_path: lightning_frozenbn.StreamingImageDataModule" in printed
+            and "every_n_train_steps: 20" in printed
+        )
+        assert "min_scale: null" in printed  # the augmentation comes from the chunks' manifest
     if name == "ema.yaml":
         assert "class_path: lightning_frozenbn.FrozenEMA" in printed and "decay: 0.999" in printed
     if name == "reduce_on_plateau.yaml":

@@ -1,0 +1,346 @@
+"""A data module's splits written once into litdata chunks (local or ``s3://``): the optimize command."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_frozenbn.errors import DataError
+from lightning_frozenbn.files import write_atomically
+
+__all__ = ["FORMAT", "MANIFEST", "Location", "main", "optimize_data", "read_manifest"]
+
+FORMAT = "lightning_frozenbn.chunks"
+VERSION = 1
+MANIFEST = "lightning_frozenbn.json"  # written last: its presence means every split is complete
+PENDING = "lightning_frozenbn.pending.json"  # what is being written; an interrupted run resumes from it
+INSTALL = 'pip install "lightning_frozenbn[streaming]"'
+
+
+def require_litdata() -> None:
+    """Import litdata or stop with the install command (it is an optional extra)."""
+    try:
+        import litdata  # noqa: F401
+    except ImportError as err:
+        raise DataError(f"Streaming needs litdata, which is not installed: {INSTALL}") from err
+    # litdata uploads and downloads through obstore, whose client refuses plain-http endpoints unless
+    # told otherwise; an S3-compatible store on http (MinIO in a cluster, a local test server) is a
+    # deliberate choice of the URL in AWS_ENDPOINT_URL, so allow it (https endpoints are unaffected).
+    from litdata.streaming import downloader
+
+    options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
+    if isinstance(options, dict):
+        options.setdefault("allow_http", "true")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A chunk folder: a local path or ``s3://bucket/prefix`` (endpoint and keys from the environment).
+
+    Only the small JSON files of this package go through here; litdata moves the chunks.
+    """
+
+    url: str
+
+    @property
+    def remote(self) -> bool:
+        """True for ``s3://`` URLs."""
+        return self.url.startswith("s3://")
+
+    def join(self, *parts: str) -> str:
+        """``url/part/...``."""
+        return "/".join([self.url.rstrip("/"), *parts])
+
+    def _bucket_key(self, name: str) -> tuple[str, str]:
+        bucket, _, prefix = self.url[len("s3://") :].partition("/")
+        return bucket, "/".join(p for p in (prefix.strip("/"), name) if p)
+
+    def _client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3")
+
+    def check_reachable(self) -> None:
+        """The bucket exists and answers, or a :class:`DataError` naming it (local folders: nothing to check)."""
+        if not self.remote:
+            return
+        bucket, _ = self._bucket_key("")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "AWS's default endpoint")
+        try:
+            self._client().head_bucket(Bucket=bucket)
+        except Exception as err:  # botocore: ClientError (404/403), EndpointConnectionError, NoCredentialsError
+            raise DataError(
+                f"Bucket {bucket!r} of {self.url!r} is missing or unreachable at {endpoint}: {err}. Create the "
+                "bucket, or set AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the store."
+            ) from err
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        """The JSON file ``name`` in this folder, or None if there is none."""
+        if not self.remote:
+            path = Path(self.url) / name
+            return json.loads(path.read_text()) if path.is_file() else None
+        bucket, key = self._bucket_key(name)
+        client = self._client()
+        try:
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
+        return json.loads(body)
+
+    def write_json(self, name: str, value: dict[str, Any]) -> None:
+        """Write ``name`` whole (a local file atomically; an S3 object is whole by nature)."""
+        data = (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
+        if not self.remote:
+            write_atomically(Path(self.url) / name, lambda f: f.write(data))
+            return
+        bucket, key = self._bucket_key(name)
+        self._client().put_object(Bucket=bucket, Key=key, Body=data)
+
+    def delete(self, name: str) -> None:
+        """Remove ``name`` if present."""
+        if not self.remote:
+            (Path(self.url) / name).unlink(missing_ok=True)
+            return
+        bucket, key = self._bucket_key(name)
+        self._client().delete_object(Bucket=bucket, Key=key)
+
+    def entries(self) -> list[str]:
+        """What the folder holds (names, first level); empty if it does not exist."""
+        if not self.remote:
+            path = Path(self.url)
+            if path.exists() and not path.is_dir():
+                raise DataError(f"output_dir {self.url!r} is a file, not a folder: choose a folder path.")
+            return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        bucket, prefix = self._bucket_key("")
+        listing = self._client().list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else "")
+        return sorted({obj["Key"][len(prefix) :].strip("/").split("/")[0] for obj in listing.get("Contents", [])})
+
+
+def read_manifest(location: Location) -> dict[str, Any]:
+    """The manifest of a complete chunk folder written by this package, checked; else a :class:`DataError`."""
+    location.check_reachable()
+    try:
+        manifest = location.read_json(MANIFEST)
+    except (OSError, ValueError) as err:
+        raise DataError(f"Cannot read {location.join(MANIFEST)!r}: {err}.") from err
+    if manifest is None:
+        pending = location.read_json(PENDING)
+        why = (
+            "its writing was interrupted (rerun the same optimize command: it resumes)"
+            if pending is not None
+            else "it was not written by `lightning-frozenbn-optimize`"
+        )
+        raise DataError(f"{location.url!r} is not a complete chunk folder of this package: {why}.")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise DataError(
+            f"{location.url!r} holds chunks of format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+            f"this package reads {FORMAT!r} version {VERSION}. Rewrite them with this version's "
+            "`lightning-frozenbn-optimize`."
+        )
+    return manifest
+
+
+# ---- what is written: one sample per image, its encoded bytes untouched --------------------------
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise DataError(f"Cannot read image {path!r}: {err}. Delete or replace this file and rerun.") from err
+
+
+def _classification_item(entry: tuple[int, str, int, str]) -> dict[str, Any]:
+    index, path, label, name = entry
+    return {"index": index, "image": _read_bytes(path), "label": label, "name": name}
+
+
+def _detection_item(entry: tuple[int, str, str]) -> dict[str, Any]:
+    index, path, record = entry
+    return {"index": index, "image": _read_bytes(path), "record": record}
+
+
+def _describe(data: pl.LightningDataModule, splits: list[str] | None) -> tuple[dict[str, Any], dict[str, list]]:
+    """The manifest's description of ``data`` and, per split, the entries to write (in the split's order)."""
+    from lightning_frozenbn.coco import CocoDetectionDataModule
+    from lightning_frozenbn.data import ImageFolderDataModule
+
+    data.prepare_data()
+    if isinstance(data, ImageFolderDataModule):
+        wanted = splits or [s for s in ("train", "val", "test") if (data.root / s).is_dir()]
+        classes = data.classes
+        entries = {}
+        for split in wanted:
+            dataset = data._dataset(split, train=False)  # checked: layout, classes agree with train
+            root = Path(dataset.root)
+            entries[split] = [
+                (i, path, label, str(Path(path).relative_to(root))) for i, (path, label) in enumerate(dataset.samples)
+            ]
+        # the source's augmentation settings: a streaming module left at None uses them (DigitsDataModule's
+        # min_scale 0.6 and no flips are not ImageFolderDataModule's defaults)
+        augment = {"min_scale": data.min_scale, "hflip": data.hflip}
+        return {"task": "classification", "classes": classes, "augment": augment}, entries
+    if isinstance(data, CocoDetectionDataModule):
+        wanted = splits or [s for s in ("train", "val", "test") if data.paths[s] is not None]
+        categories = data.categories
+        entries = {}
+        for split in wanted:
+            if data.paths.get(split) is None:
+                raise DataError(f"splits names {split!r}, but the data module has no {split} split.")
+            data.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+            dataset = data._datasets[split]
+            anns = dataset.coco.imgToAnns
+            entries[split] = [
+                (
+                    i,
+                    str(dataset.root / dataset.coco.imgs[image_id]["file_name"]),
+                    json.dumps({"image": dataset.coco.imgs[image_id], "annotations": anns.get(image_id, [])}),
+                )
+                for i, image_id in enumerate(dataset.ids)
+            ]
+        description = {"task": "detection", "categories": categories, "extra_keys": data.extra_keys}
+        return {**description, "augment": {"hflip": data.hflip}}, entries
+    raise DataError(
+        f"{type(data).__name__} cannot be optimized: expected an ImageFolderDataModule (or subclass, e.g. "
+        "DigitsDataModule) or a CocoDetectionDataModule (or subclass)."
+    )
+
+
+def optimize_data(
+    data: pl.LightningDataModule,
+    output_dir: str,
+    splits: list[str] | None = None,
+    num_workers: int | None = None,
+    chunk_bytes: str = "64MB",
+) -> dict[str, Any]:
+    """Write ``data``'s splits into litdata chunks under ``output_dir/<split>/`` and return the manifest.
+
+    Each sample holds the image file's bytes as they are on disk (no re-encoding: the streamed pixels
+    are the folder's pixels), its label (classification) or its COCO record (detection), and its index
+    in the split. The class names or COCO categories go into ``lightning_frozenbn.json``, written last:
+    a folder without it is incomplete and no reader takes it. An interrupted run, started again with the
+    same arguments, skips the splits already written and resumes the split it was writing (litdata's
+    checkpoints). A folder that holds anything else is refused, so nothing is mixed or overwritten.
+
+    Args:
+        data: an ``ImageFolderDataModule`` / ``CocoDetectionDataModule`` (or subclass) to read.
+        output_dir: a local folder or ``s3://bucket/prefix`` (endpoint and keys from the environment).
+        splits: the splits to write; default every split the data has.
+        num_workers: litdata's writer processes (default: the CPU count, at most 8).
+        chunk_bytes: the size of one chunk (litdata's notation, e.g. "64MB").
+    """
+    require_litdata()
+    location = Location(str(output_dir))
+    location.check_reachable()
+    description, entries = _describe(data, splits)
+    from lightning_frozenbn import __version__
+
+    spec = {
+        "format": FORMAT,
+        "version": VERSION,
+        **description,
+        "splits": {split: len(items) for split, items in entries.items()},
+        "written_by": f"lightning_frozenbn {__version__}",
+    }
+    done, pending = location.read_json(MANIFEST), location.read_json(PENDING)
+    if done is not None:
+        if done == spec:
+            print(f"{location.url}: already complete ({spec['splits']}); nothing to write.", file=sys.stderr)
+            return done
+        raise DataError(
+            f"output_dir {location.url!r} already holds another chunked dataset ({done.get('task')}, splits "
+            f"{done.get('splits')}). Choose a new output_dir, or delete that one first."
+        )
+    if pending is not None and pending != spec:
+        raise DataError(
+            f"output_dir {location.url!r} holds an interrupted write of another dataset (splits "
+            f"{pending.get('splits')}). Delete it, or rerun the command that started it."
+        )
+    if pending is None and location.entries():
+        raise DataError(
+            f"output_dir {location.url!r} exists and holds other files ({', '.join(location.entries()[:5])}): "
+            "choose a new or empty folder, so that nothing is mixed with or overwrites them."
+        )
+    location.write_json(PENDING, spec)
+    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    item = _classification_item if spec["task"] == "classification" else _detection_item
+    # litdata sets the process-wide start method (spawn by default) and leaves it: put the caller's back
+    previous = multiprocessing.get_start_method(allow_none=True)
+    try:
+        _write_splits(location, entries, item, workers, chunk_bytes)
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+    location.write_json(MANIFEST, spec)
+    location.delete(PENDING)
+    return spec
+
+
+def _write_splits(location: Location, entries: dict[str, list], item: Any, workers: int, chunk_bytes: str) -> None:
+    from litdata import optimize
+
+    # the writers only read files: fork starts them in milliseconds where spawn re-imports torch in each
+    start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    for split, items in entries.items():
+        if split == "train":
+            # written in a seeded random order: litdata shuffles chunks and samples within a chunk, so
+            # chunks holding one class each (folders are listed class by class) would give one-class batches
+            items = [items[i] for i in torch.randperm(len(items), generator=torch.Generator().manual_seed(0))]
+        if _written(location, split) == len(items):
+            continue  # finished by an earlier, interrupted run
+        optimize(
+            item,
+            items,
+            output_dir=location.join(split),
+            chunk_bytes=chunk_bytes,
+            num_workers=max(1, min(workers, len(items))),
+            reorder_files=False,
+            use_checkpoint=True,
+            verbose=False,
+            start_method=start,
+        )
+        if _written(location, split) != len(items):
+            raise DataError(
+                f"Writing {location.join(split)!r} ended with {_written(location, split)} of {len(items)} samples."
+            )
+
+
+def _written(location: Location, split: str) -> int:
+    """Samples in a split's litdata index (0 if it has none yet)."""
+    index = location.read_json(f"{split}/index.json")
+    return sum(chunk["chunk_size"] for chunk in index["chunks"]) if index else 0
+
+
+def main(args: list[str] | None = None) -> None:
+    """``lightning-frozenbn-optimize``: ``--config`` a fit config (its ``data`` section is used) ``--output_dir``."""
+    from jsonargparse import ActionConfigFile
+
+    from lightning_frozenbn.parser import ConciseErrorsParser
+
+    parser = ConciseErrorsParser(
+        description="Write a data module's splits into litdata chunks (local folder or s3://) for streaming."
+    )
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="a fit config: its data section is used, the rest ignored"
+    )
+    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
+    parser.add_argument("--output_dir", type=str, required=True, help="local folder or s3://bucket/prefix")
+    parser.add_argument("--splits", type=list[str] | None, default=None, help="default: every split the data has")
+    parser.add_argument("--num_workers", type=int | None, default=None, help="writer processes")
+    parser.add_argument("--chunk_bytes", type=str, default="64MB", help="size of one chunk")
+    for section in ("seed_everything", "trainer", "model", "checkpoint", "guard", "optimizer", "lr_scheduler"):
+        parser.add_argument(f"--{section}", type=Any, default=None, help="a fit config's section; ignored here")
+    config = parser.parse_args(args)
+    try:
+        data = parser.instantiate(config).data
+        manifest = optimize_data(data, config.output_dir, config.splits, config.num_workers, config.chunk_bytes)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"{config.output_dir}: {manifest['task']}, {manifest['splits']}")
