@@ -8,6 +8,7 @@ from lightning_frozenbn.data import ImageFolderDataModule
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.digits import DigitsDataModule, DigitsDetectionDataModule
 from lightning_frozenbn.ema import FrozenEMA
+from lightning_frozenbn.epilogue import fuse_epilogues
 from lightning_frozenbn.errors import (
     CheckpointError,
     DataError,
@@ -29,6 +30,7 @@ from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
 from lightning_frozenbn.module import FrozenBNModule
 from lightning_frozenbn.norm import StatsFrozenBatchNorm2d, calibrate_bn, convert_frozen_batchnorm, to_batchnorm
 from lightning_frozenbn.parser import ConciseErrorsParser
+from lightning_frozenbn.streaming import StreamingCocoDataModule, StreamingImageDataModule
 from lightning_frozenbn.writers import CocoResultsWriter, PredictionWriter
 
 __version__ = "0.1.0"
@@ -64,6 +66,8 @@ __all__ = [
     "RunTensorBoardLogger",
     "ResNetHead",
     "StatsFrozenBatchNorm2d",
+    "StreamingCocoDataModule",
+    "StreamingImageDataModule",
     "WeightsMismatchError",
     "build_resnet",
     "calibrate_bn",
@@ -72,6 +76,7 @@ __all__ = [
     "find_frozen_modules",
     "is_frozen_norm",
     "fold_frozen_batchnorm",
+    "fuse_epilogues",
     "to_batchnorm",
     "unfold_frozen_batchnorm",
 ]

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from lightning_frozenbn.epilogue import fuse_epilogues
 from lightning_frozenbn.errors import WeightsDownloadError, WeightsMismatchError
 from lightning_frozenbn.fold import fold_frozen_batchnorm
 from lightning_frozenbn.norm import StatsFrozenBatchNorm2d, convert_frozen_batchnorm
@@ -255,6 +256,7 @@ def build_resnet(
     freeze_at: int = 2,
     fold: bool = True,
     head_pool: Literal["avg", "max"] = "avg",
+    fused_epilogue: bool = True,
 ) -> tuple[ResNetBackbone, ResNetHead]:
     """Build a torchvision ResNet for fine-tuning and split it into backbone and head.
 
@@ -274,6 +276,9 @@ def build_resnet(
             state-dict keys; faster and smaller under mixed precision).
         head_pool: the head's global pooling, ``"avg"`` (torchvision's) or ``"max"`` (person-search
             box heads).
+        fused_epilogue: with ``fold``, each block's folded shift, residual add and ReLU run in cuDNN's
+            convolution epilogue on CUDA where cuDNN has those ops (:mod:`lightning_frozenbn.epilogue`;
+            same function, same keys); elsewhere, and under ``torch.compile``, the unfused path runs.
 
     Returns:
         ``(backbone, head)``: stem..layer3 returning the C4 map, and layer4 + pooling returning the
@@ -317,4 +322,7 @@ def build_resnet(
     if fold:
         fold_frozen_batchnorm(backbone)
         fold_frozen_batchnorm(head)
+        if fused_epilogue:
+            fuse_epilogues(backbone)
+            fuse_epilogues(head)
     return backbone, head

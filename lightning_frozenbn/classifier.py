@@ -58,6 +58,8 @@ class FrozenBNClassifier(FrozenBNModule):
         warmup_steps: linear warmup from 0 over this many steps before the default cosine decay.
         no_decay_norm_bias: no weight decay on biases and normalisation parameters (one-dimensional
             tensors), the fine-tuning convention of timm and detectron2.
+        fused_epilogue: with ``fold``, run each block's folded shift, residual add and ReLU in cuDNN's
+            convolution epilogue on CUDA (same function; false turns it off; see ``docs/performance.md``).
     """
 
     #: the console command for this kind of model (named when a checkpoint of the other kind is given)
@@ -84,6 +86,7 @@ class FrozenBNClassifier(FrozenBNModule):
         scheduler_monitor: str = "val/loss",
         warmup_steps: int = 0,
         no_decay_norm_bias: bool = False,
+        fused_epilogue: bool = True,
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(
@@ -97,6 +100,7 @@ class FrozenBNClassifier(FrozenBNModule):
             norm=norm,
             freeze_at=freeze_at,
             fold=fold,
+            fused_epilogue=fused_epilogue,
             compile=compile,
             channels_last=channels_last,
             backbone_lr_mult=backbone_lr_mult,

@@ -110,7 +110,7 @@ class FrozenBNDetector(FrozenBNModule):
         num_classes: number of object classes, background excluded (the CLI links it from the data).
         arch, weights, norm, freeze_at, fold, compile, channels_last, backbone_lr_mult, calibrate_bn,
             check_finite, optimizer, scheduler, scheduler_interval, scheduler_frequency,
-            scheduler_monitor, warmup_steps, no_decay_norm_bias: as for
+            scheduler_monitor, warmup_steps, no_decay_norm_bias, fused_epilogue: as for
             :class:`~lightning_frozenbn.FrozenBNClassifier`; ``weights`` may be a classifier checkpoint of
             this package (its backbone and head are loaded, its classifier dropped).
         head_pool: pooling of the per-region layer4 output: "avg" (torchvision, Detectron) or "max"
@@ -187,6 +187,7 @@ class FrozenBNDetector(FrozenBNModule):
         scheduler_monitor: str = "val/map",
         warmup_steps: int = 0,
         no_decay_norm_bias: bool = False,
+        fused_epilogue: bool = True,
     ) -> None:
         _check_arguments(**{name: value for name, value in locals().items() if name in _CHECKED_ARGUMENTS})
         super().__init__(
@@ -195,6 +196,7 @@ class FrozenBNDetector(FrozenBNModule):
             norm=norm,
             freeze_at=freeze_at,
             fold=fold,
+            fused_epilogue=fused_epilogue,
             compile=compile,
             channels_last=channels_last,
             backbone_lr_mult=backbone_lr_mult,

@@ -46,7 +46,9 @@ class FrozenBNModule(pl.LightningModule):
     #: How the model runs, not what it learned. With ``--ckpt_path``, LightningCLI rebuilds the model from
     #: the checkpoint's hyperparameters, which would silently beat the command line; for these settings a
     #: value the command gives (one that differs from the default) is used instead, and the log says so.
-    run_settings: ClassVar[frozenset[str]] = frozenset({"fold", "compile", "channels_last", "check_finite"})
+    run_settings: ClassVar[frozenset[str]] = frozenset(
+        {"fold", "compile", "channels_last", "check_finite", "fused_epilogue"}
+    )
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class FrozenBNModule(pl.LightningModule):
         warmup_steps: int = 0,
         no_decay_norm_bias: bool = False,
         head_pool: Literal["avg", "max"] = "avg",
+        fused_epilogue: bool = True,
     ) -> None:
         super().__init__()
         self._step_seed_base: int | None = None  # see on_train_batch_start; kept in the checkpoint
@@ -94,7 +97,7 @@ class FrozenBNModule(pl.LightningModule):
             ) from err
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.backbone, self.head = build_resnet(arch, weights, norm, freeze_at, fold, head_pool)
+        self.backbone, self.head = build_resnet(arch, weights, norm, freeze_at, fold, head_pool, fused_epilogue)
         self._compiled = False
 
     def param_groups(self) -> list[dict[str, Any]]:

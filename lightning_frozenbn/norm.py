@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from lightning_frozenbn.epilogue import unfuse_epilogues
 from lightning_frozenbn.fold import (
     FoldedConv2d,
     FoldedFrozenBatchNorm2d,
@@ -101,7 +102,7 @@ def to_batchnorm(module: nn.Module) -> nn.Module:
     The result's state dict loads into a plain ``torchvision.models.<arch>()`` (it has
     ``num_batches_tracked`` again) and computes the same function in eval mode. Tensors are cloned.
     """
-    module = unfold_frozen_batchnorm(module)
+    module = unfuse_epilogues(unfold_frozen_batchnorm(module))
     if isinstance(module, (FrozenBatchNorm2d, nn.BatchNorm2d)) and not isinstance(module, nn.SyncBatchNorm):
         plain = nn.BatchNorm2d(module.weight.shape[0], eps=module.eps)
         plain = plain.to(device=module.running_mean.device, dtype=module.running_mean.dtype)
