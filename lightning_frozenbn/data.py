@@ -15,6 +15,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from lightning_frozenbn.dali import DaliLoader, DaliTransform, require_dali
 from lightning_frozenbn.decode import (
     DataError,
     EncodedBatch,
@@ -32,7 +33,7 @@ __all__ = ["EpochShuffleSampler", "ImageFolderDataModule"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DECODERS = ("tensor", "pil")
-DECODE_DEVICES = ("cpu", "cuda")
+DECODE_DEVICES = ("cpu", "cuda", "dali")
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -201,13 +202,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if decode_device not in DECODE_DEVICES:
             raise DataError(
                 f"decode_device={decode_device!r} is invalid: expected one of {DECODE_DEVICES} "
-                "('cpu' = decode on the DataLoader workers, 'cuda' = batched nvJPEG decode on the GPU)."
+                "('cpu' = decode on the DataLoader workers, 'cuda' = batched nvJPEG decode on the GPU, "
+                "'dali' = NVIDIA DALI pipelines)."
             )
-        if decode == "pil" and decode_device == "cuda":
+        if decode == "pil" and decode_device != "cpu":
             raise DataError(
-                "decode='pil' with decode_device='cuda' is contradictory: PIL decodes on the CPU. Use "
-                "decode='tensor' for GPU decoding, or decode_device='cpu' to keep PIL."
+                f"decode='pil' with decode_device={decode_device!r} is contradictory: PIL decodes on the CPU "
+                "workers. Use decode='tensor' with it, or decode_device='cpu' to keep PIL."
             )
+        if decode_device == "dali":
+            require_dali()
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
             raise DataError(f"image_size={image_size!r} is invalid: expected an integer >= 8 (e.g. 224).")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -381,10 +385,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def _unlabelled(self, root: Path) -> _UnlabelledImages:
         return _UnlabelledImages(root, self.classes, *self._file_reader(train=False))
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool) -> DataLoader | DaliLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
         dataset = self.datasets[split]
+        if self.decode_device == "dali" and split != "predict":  # predict: the workers (the writer needs indices)
+            return self._dali_loader(dataset, train=shuffle)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -394,6 +400,31 @@ class ImageFolderDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(dataset) > self.batch_size,
             collate_fn=collate_encoded if self._use_gpu_decode() else None,
+        )
+
+    def _dali_loader(self, dataset: _ImageFolder, train: bool) -> DaliLoader:
+        """The split's files and labels through a DALI pipeline: on the trainer's GPU, else DALI's CPU backend."""
+        trainer = self.trainer  # outside a Trainer: the GPU if there is one, as decode_device="cuda" does
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cuda", 0)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            device = torch.device("cpu")
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        transform = DaliTransform(
+            self.image_size, self.eval_resize, self.min_scale, self.hflip and self.augment, IMAGENET_MEAN, IMAGENET_STD
+        )
+        return DaliLoader(
+            [path for path, _ in dataset.samples],
+            [label for _, label in dataset.samples],
+            transform,
+            train=train,
+            augment=train and self.augment,
+            batch_size=self.batch_size,
+            num_threads=self.num_workers,
+            device_id=(device.index or 0) if device.type == "cuda" else None,
+            rank=rank,
+            world_size=world,
+            seed=self.seed,
+            channels_last=self._channels_last(),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import subprocess
 import sys
@@ -103,11 +104,12 @@ def test_benchmark_script_runs_every_section_and_writes_json(tmp_path):
         "chunks_vs_folder"
     ] > 0
     pipelines = {r["pipeline"]: r for r in data["data"]["pipelines"]}
-    assert set(pipelines) == {"stock (PIL, float on workers)", "ours (uint8, normalised on device)"}
+    dali = ["DALI, CPU backend"] if importlib.util.find_spec("nvidia.dali") else []
+    assert set(pipelines) == {"stock (PIL, float on workers)", "ours (uint8, normalised on device)", *dali}
     assert pipelines["stock (PIL, float on workers)"]["vs_stock"] == 1.0
     assert all(r["img_per_s"] > 0 for r in pipelines.values())
     fits = {r["data"]: r for r in data["data"]["fit"]}
-    assert set(fits) == {"synthetic tensors", "JPEG: ours (uint8, normalised on device)"}
+    assert set(fits) == {"synthetic tensors", "JPEG: ours (uint8, normalised on device)", *(f"JPEG: {d}" for d in dali)}
     assert fits["synthetic tensors"]["vs_synthetic_speed"] == 1.0 and all(r["runs"] == 1 for r in fits.values())
     # The profile covers the same network on both sides (resnet18: 20 convolutions per forward; at 32 px
     # the stride-1 3x3 convolutions of layer3 (2x2 maps) and layer4 (1x1) are 6, and ours compute them as one

@@ -272,8 +272,9 @@ def test_gpu_decode_without_cuda_falls_back_to_the_workers_with_a_warning(tmp_pa
     ("kwargs", "match"),
     [
         ({"decode": "opencv"}, r"decode='opencv' is invalid: expected one of \('tensor', 'pil'\)"),
-        ({"decode_device": "tpu"}, r"decode_device='tpu' is invalid: expected one of \('cpu', 'cuda'\)"),
+        ({"decode_device": "tpu"}, r"decode_device='tpu' is invalid: expected one of \('cpu', 'cuda', 'dali'\)"),
         ({"decode": "pil", "decode_device": "cuda"}, "contradictory: PIL decodes on the CPU"),
+        ({"decode": "pil", "decode_device": "dali"}, "decode='pil' with decode_device='dali' is contradictory"),
     ],
 )
 def test_bad_decode_arguments(tmp_path, kwargs, match):

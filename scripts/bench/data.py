@@ -50,10 +50,23 @@ PIPELINES = {
     "stock (PIL, float on workers)": dict(decode="pil"),
     "ours (uint8, normalised on device)": dict(decode="tensor"),
     "ours + nvJPEG on the GPU": dict(decode="tensor", decode_device="cuda"),
+    "DALI, CPU backend": dict(decode="tensor", decode_device="dali", dali_cpu=True),
+    "DALI on the GPU": dict(decode="tensor", decode_device="dali"),
 }
 
 
-def _photo_datamodule(root, args, workers, image_size, batch_size, repeat=1, **kwargs):
+def _available(name, device):
+    """GPU pipelines only on CUDA; DALI only where it is installed."""
+    if "GPU" in name and device.type != "cuda":
+        return False
+    if "DALI" in name:
+        import importlib.util
+
+        return importlib.util.find_spec("nvidia.dali") is not None
+    return True
+
+
+def _photo_datamodule(root, args, workers, image_size, batch_size, repeat=1, dali_cpu=False, **kwargs):
     """The package's ImageFolderDataModule; ``repeat`` > 1 makes an epoch go over the files several times."""
     from torch.utils.data import ConcatDataset
 
@@ -62,8 +75,19 @@ def _photo_datamodule(root, args, workers, image_size, batch_size, repeat=1, **k
     class Repeated(ImageFolderDataModule):
         def setup(self, stage):
             super().setup(stage)
-            if repeat > 1 and "train" in self.datasets and not isinstance(self.datasets["train"], ConcatDataset):
-                self.datasets["train"] = ConcatDataset([self.datasets["train"]] * repeat)
+            train = self.datasets.get("train")
+            if repeat > 1 and train is not None and not isinstance(train, ConcatDataset):
+                if self.decode_device == "dali":  # DALI reads the file list
+                    if len(train.samples) == len(train.imgs):
+                        train.samples = train.samples * repeat
+                else:
+                    self.datasets["train"] = ConcatDataset([train] * repeat)
+
+        def _dali_loader(self, dataset, train):
+            loader = super()._dali_loader(dataset, train)
+            if dali_cpu:
+                loader.device_id = None  # DALI's CPU backend, also on a GPU machine
+            return loader
 
     return Repeated(root, image_size=image_size, batch_size=batch_size, num_workers=workers, **kwargs)
 
@@ -76,7 +100,7 @@ def pipeline_rates(args, device, root):
     ``max(16, 6 x workers)`` batches of ``--pipeline-batch`` images; the rate is over the batches after
     each worker's first one (worker start-up excluded); median of interleaved rounds.
     """
-    pipelines = [p for p in PIPELINES if device.type == "cuda" or "nvJPEG" not in p]
+    pipelines = [p for p in PIPELINES if _available(p, device)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rates = {(p, w): [] for p in pipelines for w in args.worker_counts}
     for _ in range(args.data_rounds):
@@ -155,7 +179,7 @@ def fit_real_vs_synthetic(args, device, root):
     repeat = -(-(args.fit_steps + 2 + 2 * args.workers) * n // args.data_images)
     runs = {"synthetic tensors": synthetic_dm}
     for name, kwargs in PIPELINES.items():
-        if "stock" not in name and (device.type == "cuda" or "nvJPEG" not in name):
+        if "stock" not in name and _available(name, device) and not (device.type == "cuda" and kwargs.get("dali_cpu")):
             runs[f"JPEG: {name}"] = lambda kw=kwargs: _photo_datamodule(
                 root, args, args.workers, size, n, repeat=repeat, **kw
             )
