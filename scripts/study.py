@@ -2,6 +2,7 @@
 
     python scripts/study.py                 # full study, results/ (tables, plot, JSON); ~20 min on 2 cores
     python scripts/study.py --quick         # reduced version used by the tests (< 2 min)
+    python scripts/study.py --task detection [--quick]   # the same claims on the C4 detector (study_detection.py)
 
 Pretraining (so the study is honest and offline): a ResNet-18 with plain BatchNorm is trained on
 digits 0-4 and saved as a torchvision-style state dict; every fine-tuning run loads it through
@@ -96,15 +97,15 @@ def quiet_trainer(epochs: int, precision: str = "32-true") -> Trainer:
 
 
 # ---- pretraining ------------------------------------------------------------------------------
-def pretrain(out: Path, epochs: int) -> Path:
-    """Plain-BN ResNet-18 on digits 0-4, saved as a torchvision state dict."""
-    path = out / "source_resnet18.pth"
+def pretrain(out: Path, epochs: int, classes: range = range(0, 5)) -> Path:
+    """Plain-BN ResNet-18 on ``classes`` of the digits (0-4 by default), saved as a torchvision state dict."""
+    path = out / ("source_resnet18.pth" if classes == range(0, 5) else f"source_resnet18_{len(classes)}.pth")
     if path.exists():
         return path
     seed_everything(0, verbose=False)
-    train, val = digits(range(0, 5))
+    train, val = digits(classes)
     model = FrozenBNClassifier(
-        num_classes=5,
+        num_classes=len(classes),
         arch="resnet18",
         norm="train",
         freeze_at=0,
@@ -116,7 +117,7 @@ def pretrain(out: Path, epochs: int) -> Path:
     acc = trainer.validate(model, datamodule=Data(train, val, 32, 0), verbose=False)[0]["val/acc"]
     export = model.to_torchvision()
     torch.save(export.state_dict(), path)
-    print(f"pretrained on digits 0-4: val acc {acc:.3f} -> {path}", flush=True)
+    print(f"pretrained on digits {classes.start}-{classes.stop - 1}: val acc {acc:.3f} -> {path}", flush=True)
     return path
 
 
@@ -218,24 +219,42 @@ def _claim2_worker(
         dist.destroy_process_group()
 
 
-def claim2(weights: Path, out: Path, batch: int, steps: int) -> list[dict]:
-    policies = ("frozen", "train", "sync")
+def ddp_vs_single(worker, args: tuple, port: int, out: Path, prefix: str, policies, start_of) -> list[dict]:
+    """Run ``worker`` in one process and in two (gloo), then compare the trainable weights it saved per policy.
+
+    ``worker(rank, world, *args, port, out)`` trains each policy and, on rank 0, saves its trainable
+    weights to ``out/<prefix><policy>_<world>.pt``; ``start_of(policy)`` gives the starting weights, so
+    the difference can be read against the size of the update.
+    """
     for world in (1, 2):
-        args = (world, str(weights), policies, batch, steps, 29700 + world, str(out))
+        full = (world, *args, port + world, str(out))
         if world == 1:
-            _claim2_worker(0, *args)
+            worker(0, *full)
         else:
-            mp.spawn(_claim2_worker, args=args, nprocs=2)
+            mp.spawn(worker, args=full, nprocs=2)
     rows = []
     for policy in policies:
-        one = torch.load(out / f"claim2_{policy}_1.pt", weights_only=True)
-        two = torch.load(out / f"claim2_{policy}_2.pt", weights_only=True)
+        one = torch.load(out / f"{prefix}{policy}_1.pt", weights_only=True)
+        two = torch.load(out / f"{prefix}{policy}_2.pt", weights_only=True)
         diff = max((one[k] - two[k]).abs().max().item() for k in one)
-        start = _claim2_model(weights, policy).state_dict()  # built once: it was rebuilt per tensor (20 s)
-        change = max((one[k] - start[k]).abs().max().item() for k in one)
+        start = start_of(policy)  # built once per policy (rebuilding it per tensor took 20 s)
+        change = max((one[k] - start[k]).abs().max().item() for k in one if k in start)
         rows.append({"policy": policy, "max_abs_diff": diff, "max_abs_update": change})
         print(f"claim 2 {policy}: max |w_ddp - w_single| = {diff:.3g} (largest weight update {change:.3g})", flush=True)
     return rows
+
+
+def claim2(weights: Path, out: Path, batch: int, steps: int) -> list[dict]:
+    policies = ("frozen", "train", "sync")
+    return ddp_vs_single(
+        _claim2_worker,
+        (str(weights), policies, batch, steps),
+        29700,
+        out,
+        "claim2_",
+        policies,
+        lambda policy: _claim2_model(weights, policy).state_dict(),
+    )
 
 
 # ---- reporting ----------------------------------------------------------------------------------
@@ -247,11 +266,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--quick", action="store_true", help="reduced version for tests")
+    parser.add_argument(
+        "--task",
+        choices=["classification", "detection"],
+        default="classification",
+        help="detection: the claims on the C4 detector (scripts/study_detection.py)",
+    )
     args = parser.parse_args(argv)
     global MAX_BATCHES
     MAX_BATCHES = 60 if args.quick else 1.0
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.task == "detection":
+        import study_detection
+
+        started = time.time()
+        result = study_detection.run(args, pretrain(args.out, 1 if args.quick else 6, classes=range(10)))
+        result["seconds"] = time.time() - started
+        print(study_detection.write_report(result, args.out))
+        print(f"wrote {args.out}/ in {result['seconds']:.0f} s")
+        return
     batches = (2,) if args.quick else (2, 4, 8, 32)  # quick keeps batch 2, where claim 1 shows
     seeds = (0,) if args.quick else (0, 1, 2)
     epochs = 1 if args.quick else 3
