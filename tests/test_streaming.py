@@ -208,7 +208,7 @@ def s3(monkeypatch):
 
 
 @pytest.mark.slow
-def test_s3_store_two_process_ddp_sees_each_sample_once_per_epoch(chunks, tmp_path, s3):
+def test_s3_store_two_process_ddp_stopped_mid_epoch_and_resumed_sees_each_sample_once_per_epoch(chunks, tmp_path, s3):
     tree, _ = chunks
     optimize_data(
         ImageFolderDataModule(tree, hflip=False, min_scale=0.5),
@@ -219,10 +219,15 @@ def test_s3_store_two_process_ddp_sees_each_sample_once_per_epoch(chunks, tmp_pa
     log = tmp_path / "seen"
     args = fit_args(tmp_path, "s3://frozenbn/sets/abc", log, "--config", str(ROOT / "configs" / "ddp.yaml"))
     args += ["--trainer.devices", "2", "--data.init_args.cache_dir", str(tmp_path / "cache")]
-    run = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=400)
+    # stopped after step 3 of 6 in epoch 0 (checkpoint every 3 steps), then resumed from last.ckpt: each rank
+    # loads the position rank 0 saved and continues its own shard
+    first = subprocess.run([*args, "--trainer.max_steps", "3"], env=env(), capture_output=True, text=True, timeout=400)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [len(sample_log.read(log, rank)) for rank in (0, 1)] == [3, 3]
+    run = subprocess.run([*args, "--ckpt_path", "last"], env=env(), capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [sample_log.read(log, rank) for rank in (0, 1)]
-    assert all(len(rows) == 12 for rows in ranks)  # 48 samples / (2 ranks x 4) = 6 steps per epoch
+    assert all([r["step"] for r in rows] == list(range(1, 13)) for rows in ranks)  # 48 / (2 x 4) = 6 steps an epoch
     for epoch in (0, 1):
         per_rank = [[i for r in rows if r["epoch"] == epoch for i in r["index"]] for rows in ranks]
         assert not set(per_rank[0]) & set(per_rank[1])
