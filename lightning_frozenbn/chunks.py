@@ -167,6 +167,26 @@ def _detection_item(entry: tuple[int, str, str]) -> dict[str, Any]:
     return {"index": index, "image": _read_bytes(path), "record": record}
 
 
+def _check_sizes(root: Path, images: list[dict[str, Any]]) -> None:
+    """Check each image's header against its COCO entry before anything is written.
+
+    Here and not in litdata's writers: an error raised in a writer process left ``optimize`` waiting
+    forever (litdata 0.2.76, fork start).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from lightning_frozenbn.coco import check_listed_size
+
+    for info in images:
+        file = str(root / info["file_name"])
+        try:
+            with Image.open(file) as image:  # the header only
+                size = image.size
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"Cannot read image {file!r}: {err}. Delete or replace this file and rerun.") from err
+        check_listed_size(file, info, *size)
+
+
 def _describe(data: pl.LightningDataModule, splits: list[str] | None) -> tuple[dict[str, Any], dict[str, list]]:
     """The manifest's description of ``data`` and, per split, the entries to write (in the split's order)."""
     from lightning_frozenbn.coco import CocoDetectionDataModule
@@ -196,6 +216,7 @@ def _describe(data: pl.LightningDataModule, splits: list[str] | None) -> tuple[d
                 raise DataError(f"splits names {split!r}, but the data module has no {split} split.")
             data.setup({"train": "fit", "val": "validate", "test": "test"}[split])
             dataset = data._datasets[split]
+            _check_sizes(dataset.root, [dataset.coco.imgs[i] for i in dataset.ids])
             anns = dataset.coco.imgToAnns
             entries[split] = [
                 (

@@ -22,7 +22,7 @@ from lightning_frozenbn.data import (
 )
 from lightning_frozenbn.decode import DataError, decode_file
 
-__all__ = ["CocoDetectionDataModule", "collate_detection"]
+__all__ = ["CocoDetectionDataModule", "check_listed_size", "collate_detection"]
 
 Split = Literal["train", "val", "test"]
 
@@ -31,6 +31,17 @@ def collate_detection(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[li
     """Images of any sizes stay a list (the detector's transform batches them): ``(images, targets)``."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+def check_listed_size(file: str, info: dict[str, Any], width: int, height: int) -> None:
+    """Refuse an image whose size on disk is not the one its COCO entry lists (the boxes would be misplaced)."""
+    listed = (info.get("width"), info.get("height"))
+    if None not in listed and listed != (width, height):
+        raise DataError(
+            f"{file!r} is {width}x{height} on disk, but its annotations say {listed[0]}x{listed[1]} (image id "
+            f"{info.get('id')}): the boxes were drawn on another size. Fix the JSON's width/height (photos with "
+            "an EXIF orientation are often listed rotated; store them upright) or re-export the annotations."
+        )
 
 
 class _ParsedCocoDetection(CocoDetection):
@@ -90,14 +101,7 @@ class _CocoSplit(Dataset):
                 f"Cannot read image {str(file)!r} (image id {image_id}): {err}. Delete or replace this file "
                 "(and remove its annotations) and rerun."
             ) from err
-        listed = (info.get("width"), info.get("height"))
-        if None not in listed and listed != (image.width, image.height):
-            raise DataError(
-                f"{str(file)!r} is {image.width}x{image.height} on disk, but its annotations say "
-                f"{listed[0]}x{listed[1]} (image id {image_id}): the boxes were drawn on another size. Fix the "
-                "JSON's width/height (photos with an EXIF orientation are often listed rotated; store them "
-                "upright) or re-export the annotations."
-            )
+        check_listed_size(str(file), info, image.width, image.height)
         if "boxes" not in target:  # an image without annotations: background only, kept
             h, w = image.height, image.width
             target["boxes"] = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w))

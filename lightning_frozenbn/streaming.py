@@ -15,7 +15,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from lightning_frozenbn.chunks import Location, read_manifest, require_litdata
-from lightning_frozenbn.coco import CocoDetectionDataModule, collate_detection
+from lightning_frozenbn.coco import CocoDetectionDataModule, check_listed_size, collate_detection
 from lightning_frozenbn.data import ImageFolderDataModule
 from lightning_frozenbn.decode import _decode_bytes
 from lightning_frozenbn.errors import DataError
@@ -289,6 +289,7 @@ class _CocoItem:
         info, anns = record["image"], record["annotations"]
         image = _decode(item["image"], info["file_name"], pil=False)
         height, width = image.shape[-2:]
+        check_listed_size(info["file_name"], info, width, height)  # as the folder module refuses it
         # float32 XYWH -> XYXY, as torchvision's COCO wrapper converts (the same rounding)
         xywh = tv_tensors.BoundingBoxes(
             torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4),

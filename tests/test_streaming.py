@@ -246,3 +246,30 @@ def test_a_missing_bucket_is_one_line_and_writes_nothing(tmp_path, s3):
     import boto3
 
     assert "nobucket" not in [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
+
+
+def test_an_image_listed_at_another_size_is_refused_as_by_the_folder_module(tmp_path):
+    """An export listing an EXIF-rotated photo at its rotated size: optimize refuses it, nothing is written."""
+    import json as _json
+
+    from PIL import Image
+
+    from lightning_frozenbn import CocoDetectionDataModule
+
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        Image.new("RGB", (60, 40)).save(tmp_path / split / "a.jpg")
+        coco = {
+            "images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 60}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0}
+            ],
+            "categories": [{"id": 1, "name": "thing"}],
+        }
+        (tmp_path / f"{split}.json").write_text(_json.dumps(coco))
+    data = CocoDetectionDataModule(
+        tmp_path / "train", tmp_path / "train.json", tmp_path / "val", tmp_path / "val.json", num_workers=0
+    )
+    with pytest.raises(DataError, match=r"a\.jpg' is 60x40 on disk, but its annotations say 40x60 \(image id 1\)"):
+        optimize_data(data, str(tmp_path / "chunks"), num_workers=1)
+    assert not (tmp_path / "chunks").exists()
