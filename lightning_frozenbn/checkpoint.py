@@ -138,14 +138,16 @@ class ResumableCheckpoint(ModelCheckpoint):
         """
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         every = self._every_n_train_steps
-        if every >= 1 and trainer.global_step % every == 0 and self._last_global_step_saved != trainer.global_step:
-            if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if every >= 1 and trainer.global_step % every == 0:
+            self._save_last_if_missing(trainer)
 
     def _ensure_last(self, trainer: pl.Trainer, on_train_epoch_end: bool) -> None:
+        if self._should_save_on_train_epoch_end(trainer) == on_train_epoch_end:
+            self._save_last_if_missing(trainer)
+
+    def _save_last_if_missing(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` for this step unless it is off, skipped, or this step is already saved."""
         if not self.save_last or self._should_skip_saving_checkpoint(trainer):
-            return
-        if self._should_save_on_train_epoch_end(trainer) != on_train_epoch_end:
             return
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -175,8 +175,11 @@ class DaliLoader:
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        n = len(self._indices())
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        """Batches per rank, counted without drawing the epoch's permutation."""
+        if self.train:
+            return len(self.files) // (self.world_size * self.batch_size)
+        n = len(range(self.rank, len(self.files), self.world_size))
+        return -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[list[Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

@@ -152,6 +152,21 @@ class _Conv3x3OnTinyMap(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _geometry(conv: nn.Conv2d) -> dict[str, Any]:
+    """The constructor arguments of a Conv2d like ``conv`` (its parameters are then shared, not built)."""
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+
+
 class FoldedConv2d(nn.Conv2d):
     """Conv2d followed by a FrozenBatchNorm2d, computed as one convolution: ``conv(x, W * s) + b``.
 
@@ -169,18 +184,7 @@ class FoldedConv2d(nn.Conv2d):
     """
 
     def __init__(self, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> None:
-        super().__init__(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device="meta",
-        )
+        super().__init__(**_geometry(conv), device="meta")
         self.weight = conv.weight
         self.bias = conv.bias
         self.train(conv.training)
@@ -405,18 +409,7 @@ def unfold_frozen_batchnorm(module: nn.Module) -> nn.Module:
         if not name:
             continue
         if isinstance(child, FoldedConv2d):
-            conv = nn.Conv2d(
-                child.in_channels,
-                child.out_channels,
-                child.kernel_size,
-                stride=child.stride,
-                padding=child.padding,
-                dilation=child.dilation,
-                groups=child.groups,
-                bias=child.bias is not None,
-                padding_mode=child.padding_mode,
-                device="meta",
-            )
+            conv = nn.Conv2d(**_geometry(child), device="meta")
             conv.weight, conv.bias = child.weight, child.bias
             conv.train(child.training)
             _set_submodule(module, name, conv)

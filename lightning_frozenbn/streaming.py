@@ -136,8 +136,11 @@ class _Streams:
         """Keep the saved position for the next training loader."""
         self._resume_state = state_dict.get("train_loader")
 
+    def _loader_args(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "num_workers": self.num_workers, "pin_memory": self.pin_memory}
+
     def _train_stream(self, dataset: Any, **kwargs: Any) -> Any:
-        loader = _make_loader(dataset, drop_last=True, **kwargs)
+        loader = _make_loader(dataset, drop_last=True, **self._loader_args(), **kwargs)
         if self._resume_state is not None:
             loader.load_state_dict(self._resume_state)
             self._resume_state = None
@@ -270,11 +273,8 @@ class StreamingImageDataModule(_Streams, ImageFolderDataModule):
         if split == "predict":
             return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
         if split == "train":
-            return self._train_stream(dataset, **self._loader_args())
+            return self._train_stream(dataset)
         return _make_loader(dataset, drop_last=False, **self._loader_args())
-
-    def _loader_args(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "num_workers": self.num_workers, "pin_memory": self.pin_memory}
 
 
 class _CocoItem:
@@ -390,7 +390,6 @@ class StreamingCocoDataModule(_Streams, CocoDetectionDataModule):
         dataset = self._datasets[split]
         if split == "predict":
             return super()._loader(split, train)
-        args = {"batch_size": self.batch_size, "num_workers": self.num_workers, "pin_memory": self.pin_memory}
         if train:
-            return self._train_stream(dataset, collate_fn=collate_detection, **args)
-        return _make_loader(dataset, drop_last=False, collate_fn=collate_detection, **args)
+            return self._train_stream(dataset, collate_fn=collate_detection)
+        return _make_loader(dataset, drop_last=False, collate_fn=collate_detection, **self._loader_args())
