@@ -212,15 +212,16 @@ def test_guard_state_survives_resume_and_catches_changed_weights(tmp_path):
         )
 
 
-def test_bad_guard_arguments():
+def test_bad_guard_arguments(tmp_path):
     with pytest.raises(ValueError, match="on_violation='ignore'.*'raise', 'warn' or 'restore'"):
         FrozenModuleGuard(on_violation="ignore")
     with pytest.raises(ValueError, match="expected a list of submodule names"):
         FrozenModuleGuard(modules="backbone.layer1")
     model = FrozenBNClassifier(num_classes=4, arch="resnet18")
-    guard = FrozenModuleGuard(modules=["backbone.layr1"])
+    guard = FrozenModuleGuard(modules=["backbone.layr1"])  # our module has a configure_model: refused once it ran
     with pytest.raises(ValueError, match="'backbone.layr1', which is not a submodule.*Close matches: backbone.layer1"):
-        guard.setup(None, model, "fit")
+        quiet_trainer(tmp_path, callbacks=[guard], max_steps=1).fit(model, tiny_loader())
+    assert model.global_step == 0
     with pytest.raises(ValueError, match="'backbone.layer3', but it has \\d+ trainable parameters"):
         FrozenModuleGuard(modules=["backbone.layer3"]).setup(None, model, "fit")
     with pytest.raises(ValueError, match="'backbone.relu', which has no parameters or buffers"):

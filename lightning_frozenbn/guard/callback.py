@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -17,14 +17,18 @@ from lightning_frozenbn.errors import FrozenStateViolation, GuardConfigError
 from lightning_frozenbn.guard.consensus import Consensus
 from lightning_frozenbn.guard.discovery import (
     EvalForcing,
+    defines_configure_model,
     eval_subtrees,
     find_frozen_modules,
     named_frozen_module,
     under,
+    unguarded_frozen,
 )
 from lightning_frozenbn.guard.finetuning import FinetuningWatch, split_unfrozen
+from lightning_frozenbn.guard.gradients import ReleasedGradients
 from lightning_frozenbn.guard.ledger import Ledger, fingerprint
-from lightning_frozenbn.guard.report import freeze_report, summarise
+from lightning_frozenbn.guard.namespaces import SHARDED_STRATEGIES, SWA
+from lightning_frozenbn.guard.report import eval_overrides, freeze_report, summarise
 
 __all__ = ["FrozenModuleGuard"]
 
@@ -94,6 +98,8 @@ class FrozenModuleGuard(Callback):
         self._ledger = Ledger()
         self._eval = EvalForcing()
         self._watch = FinetuningWatch()
+        self._gradients = ReleasedGradients()
+        self._late_warned: set[str] = set()  # frozen mid-run without protect(): warned once each
         self._released: dict[str, int] = {}  # tensor name -> epoch of release
         self._protected: dict[str, int] = {}  # module name -> epochs verified when protect() was called
         self._loaded_checksums: dict[str, list[int]] | None = None
@@ -140,14 +146,18 @@ class FrozenModuleGuard(Callback):
         if stage != "fit":
             return
         strategy = getattr(trainer, "strategy", None)
-        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        if isinstance(strategy, SHARDED_STRATEGIES):
             raise GuardConfigError(
                 f"FrozenModuleGuard does not support {type(strategy).__name__}: it shards parameters across "
                 "ranks, so a bit-for-bit copy and a cross-rank comparison of the frozen state would not mean "
                 "what they say. Frozen BN needs no synchronisation: use DDP (strategy: ddp), or remove the "
                 "FrozenModuleGuard callback for this strategy."
             )
-        self._resolve(pl_module)  # fail fast on bad `modules` names, before any work
+        # fail fast on bad `modules` names, before any work; a name the model does not hold yet may be built by
+        # its configure_model (Lightning calls it after setup): checked at on_fit_start then
+        missing = [n for n in self.modules or [] if n not in dict(pl_module.named_modules())]
+        if not (missing and defines_configure_model(pl_module)):
+            self._resolve(pl_module)
         self._trainer = trainer
         self._before_load = {}
         self._remove_load_hook()
@@ -168,9 +178,16 @@ class FrozenModuleGuard(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning warns about modules in eval mode just before on_train_start. The guard puts its
-        # modules in eval itself in on_train_start, so leave them in train mode until then.
+        # modules in eval itself in on_train_start, so leave them in train mode until then. Modules built
+        # in configure_model exist by now: a bad name in `modules` is refused here.
         for module in self._resolve(pl_module).values():
             module.train()
+        self._gradients.start(trainer.strategy, trainer.world_size)  # the strategy wrapped the model by now
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # released under DDP: average their gradients as DDP's reducer would have (see gradients.py)
+        self._gradients.average(pl_module, optimizer, trainer.world_size)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -182,7 +199,8 @@ class FrozenModuleGuard(Callback):
         if self._loaded_checksums is not None:
             problems, unrecoverable = self._ledger.compare_with_checkpoint(self._loaded_checksums, self._before_load)
         self._before_load = {}
-        rank_zero_info(freeze_report(self, pl_module))
+        overrides = eval_overrides(list(trainer.callbacks), self._eval.modules)
+        rank_zero_info(freeze_report(self, pl_module, overrides))
         self._verify(trainer, "the start of training", problems, unrecoverable=unrecoverable)
 
     @override
@@ -231,6 +249,7 @@ class FrozenModuleGuard(Callback):
         self._eval.remove_hooks()
         self._remove_load_hook()
         self._watch.unwrap()
+        self._gradients.stop()
         self._before_load = {}
 
     @override
@@ -264,24 +283,53 @@ class FrozenModuleGuard(Callback):
         local = (problems or []) + self._ledger.changes(releasing)
         ranks = self._consensus(trainer).local() if local_only else self._consensus(trainer)
         diverged: list[str] = []
+        trainable: dict[str, Tensor] = {}
         if ranks.world_size > 1 and self.check_ranks:
-            ranks.check_same_names(self._ledger.names, "guarded")  # same shapes for the gather
+            ranks.check_same_names(self._ledger.names, "guarded")  # same shapes for the reductions
             diverged = ranks.diverged(self._ledger.names, fingerprint(self._ledger.live()))
+            # "every rank trains the same model": the trainable parameters too (buffers of training BN are
+            # rank-local between DDP's broadcasts, so they are not compared)
+            trainable = {n: p for n, p in trainer.lightning_module.named_parameters() if p.requires_grad}
+            ranks.check_same_names(list(trainable), "trainable")
+            diverged_trainable = ranks.diverged(list(trainable), fingerprint(list(trainable.values())), "trainable")
+            diverged += diverged_trainable
+        if not local_only:
+            self._warn_late_frozen(trainer.lightning_module)
         if ranks.all_agree(not local) and not diverged:
             if epoch_end:
                 self._epochs_verified += 1
             ranks_word = f"{'each of' if local_only else 'all'} {trainer.world_size} ranks"
             where = "on rank 0" if trainer.world_size == 1 else f"on {ranks_word}"
+            same = f"; its {len(trainable)} trainable parameters the same on every rank" if trainable else ""
             rank_zero_info(
-                f"FrozenModuleGuard: {len(self._ledger.names)} frozen tensors bit-identical at {when} {where}."
+                f"FrozenModuleGuard: {len(self._ledger.names)} frozen tensors bit-identical at {when} {where}{same}."
             )
             return
         reports = ranks.gather_objects((trainer.global_rank, local))
         lines = [f"  rank {r}: {line}" for r, rank_lines in reports for line in rank_lines]
         message = f"FrozenModuleGuard: the frozen state changed at {when}:\n" + "\n".join(
-            lines + [f"  {d}" for d in diverged]
+            lines + [f"  {d}" for d in diverged] + _hints(trainer, lines)
         )
-        apply_policy(self.on_violation, self._ledger, ranks, message, diverged, unrecoverable or [])
+        restore_trainable = list(trainable.values()) if any("trainable" in d for d in diverged) else []
+        apply_policy(self.on_violation, self._ledger, ranks, message, diverged, unrecoverable or [], restore_trainable)
+
+    def _warn_late_frozen(self, pl_module: nn.Module) -> None:
+        """One warning per module frozen after training started without :meth:`protect` (automatic mode)."""
+        if self.modules is not None or not self._training_started:
+            return
+        late = [
+            n
+            for n in unguarded_frozen(pl_module, set(self._ledger.names), set(self._released))
+            if n not in self._late_warned
+        ]
+        if late:
+            self._late_warned.update(late)
+            rank_zero_warn(
+                f"FrozenModuleGuard: {', '.join(late[:5])}{' ...' if len(late) > 5 else ''} "
+                f"{'was' if len(late) == 1 else 'were'} frozen after training started and "
+                f"{'is' if len(late) == 1 else 'are'} not guarded: nothing proves {'it' if len(late) == 1 else 'they'} "
+                f"stay unchanged. Call guard.protect({late[0]!r}) right after freezing to guard it from then on."
+            )
 
     # ---- deliberate changes to the guarded set -----------------------------------------------
     def _after_finetuning(self, trainer: pl.Trainer, pl_module: pl.LightningModule, by: str) -> None:
@@ -399,10 +447,32 @@ class FrozenModuleGuard(Callback):
         return list(self._released)
 
 
+def _hints(trainer: pl.Trainer, lines: list[str]) -> list[str]:
+    """What caused a violation, where a known callback did it: SWA's reset of every BatchNorm's statistics."""
+    swa = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, SWA)]
+    if swa and any("running_" in line and "replaced by a new tensor" in line for line in lines):
+        return [
+            f"  {swa[0]} replaced the running statistics of every BatchNorm layer by new tensors (mean 0, var 1) "
+            "to recompute them in its extra epoch; frozen layers run in eval mode and recompute nothing, so "
+            "their statistics are lost. Keep frozen BatchNorm out of SWA's reset (norm='frozen': "
+            "FrozenBatchNorm2d is no torch BatchNorm) or leave StochasticWeightAveraging out."
+        ]
+    return []
+
+
 def apply_policy(
-    policy: str, ledger: Ledger, ranks: Consensus, message: str, diverged: list[str], unrecoverable: list[str]
+    policy: str,
+    ledger: Ledger,
+    ranks: Consensus,
+    message: str,
+    diverged: list[str],
+    unrecoverable: list[str],
+    trainable: Sequence[Tensor] = (),
 ) -> None:
-    """The ``on_violation`` policy: the one place with the side effects of a violation (all ranks call it)."""
+    """The ``on_violation`` policy: the one place with the side effects of a violation (all ranks call it).
+
+    ``trainable``: the trainable parameters, when they differ across ranks (a restore broadcasts rank 0's).
+    """
     if policy == "raise":
         raise FrozenStateViolation(
             message + "\nFrozen tensors must stay bit-identical. Fix the code that changed them, or pass "
@@ -418,8 +488,22 @@ def apply_policy(
             "checkpoint whose frozen tensors are intact, or build the model from the weights the first fit "
             "started from, so that the guard can restore them."
         )
+    unrestorable = ledger.unrestorable()
+    if not ranks.all_agree(not unrestorable):
+        raise FrozenStateViolation(
+            message
+            + "\non_violation='restore' cannot restore what the forward no longer reads:\n  "
+            + "\n  ".join(unrestorable)
+        )
     ledger.restore()
     if diverged:
-        ranks.broadcast_from_zero(ledger.live())
+        ranks.broadcast_from_zero(ledger.live() + list(trainable))
         ledger.adopt_live_as_reference()
+    left = ledger.changes()
+    if not ranks.all_agree(not left):
+        raise FrozenStateViolation(
+            message
+            + "\non_violation='restore' restored the reference values, yet these still differ:\n  "
+            + "\n  ".join(left or ["(on another rank)"])
+        )
     warn(message + "\nRestored the reference values of these tensors.")

@@ -67,8 +67,8 @@ class Consensus:
             "rank must freeze, unfreeze and release the same modules at the same point (rank-dependent code?)."
         )
 
-    def diverged(self, names: list[str], fingerprints: Tensor) -> list[str]:
-        """One line per rank whose frozen tensors differ from rank 0's (by checksum).
+    def diverged(self, names: list[str], fingerprints: Tensor, what: str = "frozen") -> list[str]:
+        """One line per rank whose ``what`` tensors (frozen, trainable) differ from rank 0's (by checksum).
 
         Called after :meth:`check_same_names`: with nothing guarded on this rank, nothing is on any, and an
         empty gather is not made (gloo's empty all_gather aborted spawned processes at exit).
@@ -83,7 +83,8 @@ class Consensus:
             rows = (gathered[r] != gathered[0]).any(dim=-1).nonzero().flatten().tolist()
             if rows:
                 shown = ", ".join(names[i] for i in rows[:5]) + (" ..." if len(rows) > 5 else "")
-                lines.append(f"rank {r} holds a different frozen state than rank 0 in {len(rows)} tensors: {shown}")
+                state = "a different frozen state" if what == "frozen" else f"different {what} parameters"
+                lines.append(f"rank {r} holds {state} than rank 0 in {len(rows)} tensors: {shown}")
         return lines
 
     def _differs(self, values: Tensor) -> Tensor:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import inspect
+from collections import Counter
+from functools import cache
 from typing import Any
 
 from torch import nn
@@ -10,10 +13,36 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lightning_frozenbn.errors import GuardConfigError
 
-__all__ = ["EvalForcing", "eval_subtrees", "find_frozen_modules", "is_frozen_norm", "named_frozen_module", "under"]
+__all__ = [
+    "EvalForcing",
+    "defines_configure_model",
+    "eval_subtrees",
+    "find_frozen_modules",
+    "is_frozen_norm",
+    "mode_sensitive_kinds",
+    "named_frozen_module",
+    "under",
+    "unguarded_frozen",
+]
 
-# Layers whose forward depends on train/eval mode (FrozenBatchNorm2d's does not, so it needs no hook).
+# Layers whose forward is known to depend on train/eval mode, whatever their source says.
 _MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+@cache
+def _forward_reads_training(cls: type) -> bool:
+    """Whether ``cls.forward``'s source reads ``self.training`` (timm's DropPath, torchvision's StochasticDepth)."""
+    try:
+        return "self.training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source (compiled, built in): not known to depend on the mode
+        return False
+
+
+def mode_sensitive_kinds(modules: list[nn.Module]) -> Counter[str]:
+    """How many modules of each kind among ``modules`` compute differently in train mode (BN, Dropout, DropPath)."""
+    return Counter(
+        type(m).__name__ for m in modules if isinstance(m, _MODE_SENSITIVE) or _forward_reads_training(type(m))
+    )
 
 
 def under(name: str, prefix: str) -> bool:
@@ -39,6 +68,26 @@ def is_frozen_norm(module: nn.Module) -> bool:
     if buffers.get("running_mean") is None or buffers.get("running_var") is None:
         return False
     return not any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def unguarded_frozen(model: nn.Module, guarded: set[str], released: set[str]) -> list[str]:
+    """The frozen modules (as :func:`find_frozen_modules` finds them) holding a tensor neither guarded nor released.
+
+    A module frozen mid-run by code that did not call ``guard.protect`` is one.
+    """
+    out = []
+    for name, module in find_frozen_modules(model).items():
+        own = [f"{name}.{n}" if name else n for n, _ in module.named_parameters()]
+        own += [f"{name}.{n}" if name else n for n, b in module.named_buffers() if b is not None]
+        if any(t not in guarded and t not in released for t in own):
+            out.append(name)
+    return out
+
+
+def defines_configure_model(model: nn.Module) -> bool:
+    """Whether the LightningModule builds (part of) itself in ``configure_model``, after the callbacks' ``setup``."""
+    bases = ("LightningModule", "ModelHooks")
+    return any("configure_model" in vars(c) for c in type(model).__mro__ if c.__name__ not in bases)
 
 
 def find_frozen_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -118,16 +167,19 @@ def eval_subtrees(model: nn.Module, guarded: set[str]) -> dict[str, nn.Module]:
 
 
 def _keep_eval(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook on a guarded BN/Dropout layer: it always runs in eval mode, whoever called ``.train()``."""
+    """Forward pre-hook on every module of a frozen subtree: it runs in eval mode, whoever called ``.train()``."""
     if module.training:
         module.training = False
 
 
 class EvalForcing:
-    """The modules forced to eval mode, and the forward pre-hooks that keep their BN/Dropout layers there.
+    """The modules forced to eval mode, and the forward pre-hooks that keep every one of them there.
 
-    A callback hook can act at the start of a batch at the latest; the pre-hooks act right before each
-    layer runs, so even a ``self.train()`` inside ``training_step`` cannot put them in train mode.
+    One rule for every layer: a callback hook can act at the start of a batch at the latest; the pre-hooks
+    act right before each module runs, so even a ``self.train()`` inside ``training_step`` cannot put a
+    BatchNorm, a Dropout, a stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``) or
+    a user's own mode-dependent layer inside a frozen subtree in train mode. Every module gets the hook,
+    not a list of known kinds, because any forward may read ``self.training``.
     """
 
     def __init__(self) -> None:
@@ -161,11 +213,9 @@ class EvalForcing:
         return flipped
 
     def install_hooks(self) -> None:
-        """A pre-hook on every mode-sensitive layer of the set (BN, Dropout)."""
+        """A pre-hook on every module of the set."""
         self.remove_hooks()
-        self._hooks = {
-            m: m.register_forward_pre_hook(_keep_eval) for m in self.modules if isinstance(m, _MODE_SENSITIVE)
-        }
+        self._hooks = {m: m.register_forward_pre_hook(_keep_eval) for m in self.modules}
 
     def remove_hooks(self) -> None:
         """Remove every pre-hook: after fit the modules are the user's again."""

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BaseFinetuning
 
 from lightning_frozenbn.guard.ledger import Ledger
+from lightning_frozenbn.guard.namespaces import BASE_FINETUNING
 
 __all__ = ["FinetuningWatch", "split_unfrozen"]
 
@@ -35,13 +35,13 @@ class FinetuningWatch:
     """
 
     def __init__(self) -> None:
-        self._wrapped: list[BaseFinetuning] = []
+        self._wrapped: list[Any] = []
 
     def wrap(self, trainer: pl.Trainer | None, after: Callable[[pl.Trainer, pl.LightningModule, str], None]) -> None:
-        """Watch every BaseFinetuning callback of ``trainer``."""
+        """Watch every BaseFinetuning callback of ``trainer`` (``lightning.pytorch``'s or ``pytorch_lightning``'s)."""
         self.unwrap()
         for callback in getattr(trainer, "callbacks", None) or []:
-            if isinstance(callback, BaseFinetuning):
+            if isinstance(callback, BASE_FINETUNING):
                 original = callback.on_train_epoch_start
 
                 def watched(tr: pl.Trainer, module: pl.LightningModule, _cb: Any = callback, _orig: Any = original):

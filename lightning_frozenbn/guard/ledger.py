@@ -1,4 +1,9 @@
-"""The ledger of guarded tensors: one record per tensor (live tensor, owner, reference, checksum), no Lightning."""
+"""The ledger of guarded tensors: one record per tensor (live tensor, owner, reference, checksum), no Lightning.
+
+Every comparison first looks each tensor up again by its module path and name in the model, so what is
+compared is what the forward uses: a tensor replaced by a new object (Lightning's SWA assigns new BN
+statistics) or re-parametrised (``torch.nn.utils.prune``, ``torch.nn.utils.parametrize``) is a change.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lightning_frozenbn.guard.discovery import under
 from lightning_frozenbn.norm import StatsFrozenBatchNorm2d
@@ -46,6 +52,8 @@ class Record:
     """One guarded tensor: the live tensor, its owner, its exact reference copy, the original checksum.
 
     The checksum is that of the *original* reference: the first fit's, carried through checkpoints.
+    ``path`` and ``key`` say where the model holds it (``owner`` is the module at ``path`` when collected):
+    ``live`` is re-bound to whatever the model holds there at each comparison.
     """
 
     live: Tensor
@@ -53,6 +61,39 @@ class Record:
     is_param: bool
     reference: Tensor
     checksum: list[int]
+    path: str = ""
+    key: str = ""
+
+
+def reparametrisation(owner: nn.Module, key: str) -> str | None:
+    """How ``owner.<key>`` is computed on the way to the forward, if it was re-parametrised; else None."""
+    if parametrize.is_parametrized(owner, key):
+        kinds = ", ".join(type(p).__name__ for p in owner.parametrizations[key])
+        return (
+            f"was re-parametrised by torch.nn.utils.parametrize ({kinds}): the forward computes {key} from "
+            f"{key}.original, not from the guarded values"
+        )
+    if f"{key}_orig" in owner._parameters or f"{key}_orig" in owner._buffers:
+        mask = owner._buffers.get(f"{key}_mask")
+        masked = f", {int((mask == 0).sum())} of {mask.numel()} elements masked to 0" if mask is not None else ""
+        return (
+            f"was re-parametrised by torch.nn.utils.prune ({key} = {key}_orig * {key}_mask{masked}): the forward "
+            "no longer uses the guarded values"
+        )
+    return None
+
+
+def _difference(live: Tensor, ref: Tensor) -> str | None:
+    """How ``live`` differs from ``ref`` bit for bit (shape, dtype or elements), or None."""
+    if ref.device != live.device:  # at on_fit_end a GPU strategy has moved the model to the CPU
+        ref = ref.to(live.device)
+    if live.shape != ref.shape or live.dtype != ref.dtype:
+        return f"shape/dtype changed {tuple(ref.shape)} {ref.dtype} -> {tuple(live.shape)} {live.dtype}"
+    if torch.equal(_bits(live), _bits(ref)):
+        return None
+    mask = _bits(live) != _bits(ref)  # elements that changed: an unchanged NaN is not a diff
+    diff = (live.detach()[mask].double() - ref[mask].double()).abs().nan_to_num(nan=float("inf")).max()
+    return f"{int(mask.sum())} of {ref.numel()} elements changed, max |diff| = {diff:.3g}"
 
 
 class Ledger:
@@ -63,8 +104,9 @@ class Ledger:
     references back.
     """
 
-    def __init__(self, records: dict[str, Record] | None = None) -> None:
+    def __init__(self, records: dict[str, Record] | None = None, model: nn.Module | None = None) -> None:
         self.records: dict[str, Record] = dict(records or {})
+        self.model = model  # where each record is looked up again by name; None: the live tensors as they are
 
     @classmethod
     def collect(cls, model: nn.Module, roots: dict[str, nn.Module], released: Collection[str] = ()) -> Ledger:
@@ -72,7 +114,7 @@ class Ledger:
 
         Minus ``released``; each with a reference copy taken now.
         """
-        found: dict[str, tuple[Tensor, nn.Module, bool]] = {}
+        found: dict[str, tuple[Tensor, nn.Module, bool, str, str]] = {}
         for root_name, root in roots.items():
             for sub_name, module in root.named_modules(prefix=root_name):
                 own = [(k, t, True) for k, t in module.named_parameters(recurse=False)]
@@ -80,20 +122,54 @@ class Ledger:
                 for key, tensor, is_param in own:
                     name = f"{sub_name}.{key}" if sub_name else key
                     if tensor is not None and name not in released:
-                        found[name] = (tensor, module, is_param)
+                        found[name] = (tensor, module, is_param, sub_name, key)
         # norm="eval": trainable affine, but the statistics are frozen too.
         for name, module in model.named_modules():
             if isinstance(module, StatsFrozenBatchNorm2d):
                 for key in ("running_mean", "running_var"):
                     if f"{name}.{key}" not in released:
-                        found.setdefault(f"{name}.{key}", (getattr(module, key), module, False))
-        sums = fingerprint([t for t, _, _ in found.values()]).tolist()
+                        found.setdefault(f"{name}.{key}", (getattr(module, key), module, False, name, key))
+        sums = fingerprint([t for t, *_ in found.values()]).tolist()
         return cls(
             {
-                name: Record(tensor, owner, is_param, tensor.detach().clone(), checksum)
-                for (name, (tensor, owner, is_param)), checksum in zip(found.items(), sums)
-            }
+                name: Record(tensor, owner, is_param, tensor.detach().clone(), checksum, path, key)
+                for (name, (tensor, owner, is_param, path, key)), checksum in zip(found.items(), sums)
+            },
+            model,
         )
+
+    # ---- looking up by name ------------------------------------------------------------------
+    def current(self, record: Record) -> tuple[Tensor | None, str | None]:
+        """The tensor the model holds at the record's name now, or None and why it holds none there."""
+        if self.model is None or not record.key:
+            return record.live, None
+        try:
+            owner = self.model.get_submodule(record.path) if record.path else self.model
+        except AttributeError:
+            return None, f"its module {record.path!r} is no longer in the model"
+        tensor = (owner._parameters if record.is_param else owner._buffers).get(record.key)
+        if tensor is not None:
+            return tensor, None
+        kind = "parameter" if record.is_param else "buffer"
+        return None, reparametrisation(owner, record.key) or f"is no longer a {kind} of {record.path or 'the model'}"
+
+    def rebind(self) -> tuple[dict[str, str], set[str]]:
+        """Point every record at what the model holds at its name now.
+
+        Returns:
+            The records the model holds no tensor for (name -> why: re-parametrised, removed), and the names
+            whose tensor was replaced by another object. A replacement with the same bits (a device move
+            replaces buffers) is no change; one with other values is reported by :meth:`changes`.
+        """
+        missing, replaced = {}, set()
+        for name, record in self.records.items():
+            tensor, why = self.current(record)
+            if tensor is None:
+                missing[name] = why or "is gone"
+            elif tensor is not record.live:
+                record.live = tensor
+                replaced.add(name)
+        return missing, replaced
 
     # ---- reading -----------------------------------------------------------------------------
     @property
@@ -128,19 +204,17 @@ class Ledger:
         And one per parameter whose ``requires_grad`` was switched back on (except those being released
         right now).
         """
+        missing, replaced = self.rebind()
         lines = []
         for name, record in self.records.items():
-            live, ref = record.live, record.reference
-            if ref.device != live.device:  # at on_fit_end a GPU strategy has moved the model to the CPU
-                ref = ref.to(live.device)
-            if live.shape != ref.shape or live.dtype != ref.dtype:
-                lines.append(
-                    f"{name}: shape/dtype changed {tuple(ref.shape)} {ref.dtype} -> {tuple(live.shape)} {live.dtype}"
-                )
-            elif not torch.equal(_bits(live), _bits(ref)):
-                mask = _bits(live) != _bits(ref)  # elements that changed: an unchanged NaN is not a diff
-                diff = (live.detach()[mask].double() - ref[mask].double()).abs().nan_to_num(nan=float("inf")).max()
-                lines.append(f"{name}: {int(mask.sum())} of {ref.numel()} elements changed, max |diff| = {diff:.3g}")
+            if name in missing:
+                lines.append(f"{name}: {missing[name]}")
+                continue
+            diff = _difference(record.live, record.reference)
+            if diff and name in replaced:
+                lines.append(f"{name}: was replaced by a new tensor (values differ: {diff})")
+            elif diff:
+                lines.append(f"{name}: {diff}")
         lines += [
             f"{name}: requires_grad was switched back on"
             for name, p in self.params.items()
@@ -149,11 +223,34 @@ class Ledger:
         return lines
 
     # ---- acting ------------------------------------------------------------------------------
+    def unrestorable(self) -> list[str]:
+        """One line per tensor :meth:`restore` cannot put back: the model holds none at its name (re-parametrised)."""
+        missing, _ = self.rebind()
+        return [
+            f"{name}: {why}; remove the re-parametrisation from frozen modules (or do not prune them) and rerun"
+            for name, why in missing.items()
+        ]
+
     def restore(self) -> None:
-        """Copy every reference back into its live tensor and switch ``requires_grad`` off again."""
+        """Copy every reference back into the tensor the model holds at its name; ``requires_grad`` off again.
+
+        A replaced tensor of another shape or dtype is replaced in turn by a copy of the reference. Call
+        :meth:`changes` afterwards: it must be empty.
+        """
+        self.rebind()
         with torch.no_grad():
             for record in self.records.values():
-                record.live.copy_(record.reference)
+                live, ref = record.live, record.reference
+                if live.shape == ref.shape and live.dtype == ref.dtype:
+                    live.copy_(ref)
+                elif self.model is not None and record.key:
+                    owner = self.model.get_submodule(record.path) if record.path else self.model
+                    copy = ref.to(live.device, copy=True)
+                    if record.is_param:
+                        owner._parameters[record.key] = nn.Parameter(copy, requires_grad=False)
+                    else:
+                        owner._buffers[record.key] = copy
+                    record.live = getattr(owner, record.key)
                 if record.is_param:
                     record.live.requires_grad_(False)
 

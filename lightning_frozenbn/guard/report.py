@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from lightning_frozenbn.guard.discovery import under
+from lightning_frozenbn.guard.discovery import mode_sensitive_kinds, under
 from lightning_frozenbn.norm import StatsFrozenBatchNorm2d
 
 if TYPE_CHECKING:
     from lightning_frozenbn.guard.callback import FrozenModuleGuard
 
-__all__ = ["freeze_report", "summarise"]
+__all__ = ["eval_overrides", "freeze_report", "summarise"]
+
+# Settings of other callbacks that keep frozen BatchNorm layers in train mode, which the guard overrides.
+_KEEPS_FROZEN_BN_TRAINING = ("frozen_bn_track_running_stats", "train_bn")
 
 
-def freeze_report(guard: FrozenModuleGuard, pl_module: nn.Module) -> str:
-    """The freeze report logged when training starts: what is guarded, what is forced to eval, what not."""
+def eval_overrides(callbacks: list[object], forced: list[nn.Module]) -> list[str]:
+    """Each callback setting that asks for frozen BatchNorm layers in train mode, when the guard forces some to eval.
+
+    FinetuningScheduler's ``frozen_bn_track_running_stats=True`` (its default) and ``BaseFinetuning``'s
+    ``train_bn=True`` keep BN layers training; inside a fully frozen subtree the guard runs them in eval,
+    so their statistics stay frozen: that is said, naming the callback and its setting.
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in forced):
+        return []
+    return [
+        f"{type(cb).__name__}({setting}=True)"
+        for cb in callbacks
+        for setting in _KEEPS_FROZEN_BN_TRAINING
+        if getattr(cb, setting, None) is True
+    ]
+
+
+def freeze_report(guard: FrozenModuleGuard, pl_module: nn.Module, overrides: Sequence[str] = ()) -> str:
+    """The freeze report logged when training starts: what is guarded, what is forced to eval, what not.
+
+    ``overrides``: the other callbacks' settings the eval forcing overrides (:func:`eval_overrides`).
+    """
     names = guard.frozen_tensor_names
     rows = []
     # roots whose tensors were all released at an earlier epoch are not guarded any more
@@ -44,6 +68,16 @@ def freeze_report(guard: FrozenModuleGuard, pl_module: nn.Module) -> str:
         + (f": {shown}" if forced else "")
         + "; the LightningModule and every module with a trainable part follow the Trainer's mode"
     )
+    kinds = mode_sensitive_kinds(guard._eval.modules)
+    if kinds:
+        listed = ", ".join(f"{kind} x{count}" for kind, count in sorted(kinds.items()))
+        extra += f"\n  layers among them that compute differently in train mode, run in eval in every forward: {listed}"
+    if overrides:
+        extra += (
+            f"\n  overrides {', '.join(overrides)}: that setting keeps frozen BatchNorm layers in train mode "
+            "(their running statistics would move); inside fully frozen subtrees the guard runs them in eval "
+            "mode. Unfreeze (release) the layers that should train, or leave the guard out to keep that setting."
+        )
     if guard._released:
         released = summarise(list(guard._released))
         extra += f"\n  not guarded: {len(guard._released)} tensors released at earlier epochs ({released})"

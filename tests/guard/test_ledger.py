@@ -98,12 +98,12 @@ def test_eval_forcing_sets_hooks_and_frees_what_leaves_the_set():
     assert list(forcing.roots) == ["0", "1"]
     assert forcing.apply() and not m[1].training and m[2].training  # the Dropout beside trainable layers trains
     forcing.install_hooks()
-    assert forcing.hooked == [m[1]]
+    assert forcing.hooked == [m[0], m[1]]  # every module of a frozen subtree, not only BN/Dropout
     m.train()
     m(torch.randn(1, 3, 9, 9))
     assert not m[1].training  # the pre-hook put it back
     forcing.set(eval_subtrees(m, {n for n in guarded if not n.startswith("1.")}), mode=True)
-    assert m[1].training and not m[1]._forward_pre_hooks and forcing.hooked == []
+    assert m[1].training and not m[1]._forward_pre_hooks and forcing.hooked == [m[0]]
     forcing.remove_hooks()
 
 
