@@ -31,7 +31,9 @@ class FrozenFeatures(pl.LightningModule):
         randomize_bn(self.features)
         self.features[1].num_batches_tracked.zero_()  # SWA's `num_batches_tracked *= 0` then changes nothing
         self.features.requires_grad_(False)
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
+        )
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -206,7 +208,9 @@ def test_finetuning_schedulers_train_mode_bn_is_overridden_by_name(tmp_path, cap
 class BuiltLate(FrozenFeatures):
     def __init__(self):
         pl.LightningModule.__init__(self)
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
+        )
 
     def configure_model(self):
         if not hasattr(self, "backbone"):
@@ -230,5 +234,7 @@ class FreezeHeadAtEpoch1(Callback):
 
 def test_a_module_frozen_mid_run_without_protect_is_warned_about_once(tmp_path):
     with pytest.warns(UserWarning, match=r"classifier.2 was frozen after training started and is not guarded") as rec:
-        trainer(tmp_path, [FrozenModuleGuard(), FreezeHeadAtEpoch1()], max_epochs=3).fit(FrozenFeatures(), tiny_loader())
+        trainer(tmp_path, [FrozenModuleGuard(), FreezeHeadAtEpoch1()], max_epochs=3).fit(
+            FrozenFeatures(), tiny_loader()
+        )
     assert sum("frozen after training started" in str(w.message) for w in rec) == 1

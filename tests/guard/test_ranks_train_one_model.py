@@ -8,8 +8,8 @@ from conftest import DDP_IN_PYTEST, quiet_trainer, tiny_loader
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import BackboneFinetuning
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 from torch.multiprocessing import ProcessRaisedException
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_frozenbn import FrozenModuleGuard, FrozenStateViolation
 
