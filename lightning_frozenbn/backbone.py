@@ -6,7 +6,7 @@ import difflib
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torchvision
@@ -42,8 +42,8 @@ ARCHS = (
     "wide_resnet50_2",
     "wide_resnet101_2",
 )
-NORMS = ("frozen", "eval", "train", "sync")
 Norm = Literal["frozen", "eval", "train", "sync"]
+NORMS: tuple[str, ...] = get_args(Norm)  # one source: the CLI shows the Literal, the check reads its values
 # detectron2's freeze_at: stage k (1-based) is frozen when k <= freeze_at.
 STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 _NORM_LAYERS = {

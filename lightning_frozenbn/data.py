@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -32,8 +32,11 @@ __all__ = ["EpochShuffleSampler", "ImageFolderDataModule"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DECODERS = ("tensor", "pil")
-DECODE_DEVICES = ("cpu", "cuda", "dali")
+# One source for each choice: the CLI shows the Literal, the checks and the docs test read its values.
+Decoder = Literal["tensor", "pil"]
+DecodeDevice = Literal["cpu", "cuda", "dali"]
+DECODERS: tuple[str, ...] = get_args(Decoder)
+DECODE_DEVICES: tuple[str, ...] = get_args(DecodeDevice)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -181,8 +184,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         predict_split: str = "val",
         augment: bool = True,
         seed: int = 0,
-        decode: Literal["tensor", "pil"] = "tensor",
-        decode_device: Literal["cpu", "cuda"] = "cpu",
+        decode: Decoder = "tensor",
+        decode_device: DecodeDevice = "cpu",
         predict_root: str | Path | None = None,
         class_names: list[str] | None = None,
         eval_resize: int | None = None,

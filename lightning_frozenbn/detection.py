@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections import OrderedDict
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -26,7 +26,8 @@ from lightning_frozenbn.module import FrozenBNModule, default_optimizer
 
 __all__ = ["MAP_BACKENDS", "FrozenBNDetector"]
 
-MAP_BACKENDS = ("pycocotools", "faster_coco_eval")
+MapBackend = Literal["pycocotools", "faster_coco_eval"]
+MAP_BACKENDS: tuple[str, ...] = get_args(MapBackend)  # one source for the CLI and the check
 # MeanAveragePrecision's scalar results, logged as <stage>/<key>
 _MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 
@@ -179,7 +180,7 @@ class FrozenBNDetector(FrozenBNModule):
         box_detections_per_img: int = 100,
         image_mean: list[float] = IMAGENET_MEAN,
         image_std: list[float] = IMAGENET_STD,
-        map_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
+        map_backend: MapBackend = "pycocotools",
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",

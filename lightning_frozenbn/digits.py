@@ -8,14 +8,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 
 from lightning_frozenbn.coco import CocoDetectionDataModule
-from lightning_frozenbn.data import ImageFolderDataModule
+from lightning_frozenbn.data import DecodeDevice, Decoder, ImageFolderDataModule
 from lightning_frozenbn.errors import DataError
 
 __all__ = ["DigitsDataModule", "DigitsDetectionDataModule", "publish_complete"]
@@ -49,8 +49,8 @@ class DigitsDataModule(ImageFolderDataModule):
         augment: bool = True,
         val_fraction: float = 0.2,
         seed: int = 0,
-        decode: Literal["tensor", "pil"] = "tensor",
-        decode_device: Literal["cpu", "cuda"] = "cpu",
+        decode: Decoder = "tensor",
+        decode_device: DecodeDevice = "cpu",
         predict_root: str | Path | None = None,
         class_names: list[str] | None = None,
         eval_resize: int | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -17,7 +18,9 @@ __all__ = [
     "FusedBasicBlock",
     "FusedBottleneck",
     "cudnn_epilogue_available",
+    "epilogue_mismatch",
     "fuse_epilogues",
+    "fused_epilogue_works",
     "unfuse_epilogues",
 ]
 
@@ -57,14 +60,7 @@ class ConvBiasReLU(torch.autograd.Function):
         dilation: tuple[int, ...],
         groups: int,
     ) -> Tensor:
-        if x.is_cuda:
-            if z is None:
-                y = torch.ops.aten.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)
-            else:
-                y = torch.ops.aten.cudnn_convolution_add_relu(x, w, z, 1.0, b, stride, padding, dilation, groups)
-        else:
-            y = F.conv2d(x, w, b, stride, padding, dilation, groups)
-            y = (y if z is None else y + z).relu_()
+        y = _kernel(x, w, b, z, stride, padding, dilation, groups)
         ctx.save_for_backward(x, w, y)
         ctx.conv = (stride, padding, dilation, groups)
         return y
@@ -81,6 +77,91 @@ class ConvBiasReLU(torch.autograd.Function):
         gb = grad.sum(dim=(0, 2, 3)).to(w.dtype) if ctx.needs_input_grad[2] else None
         gz = grad if ctx.needs_input_grad[3] else None
         return gx, gw, gb, gz, None, None, None, None
+
+
+def _kernel(
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+    z: Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> Tensor:
+    """The forward of :class:`ConvBiasReLU`: cuDNN's fused op on CUDA, the composite reference elsewhere."""
+    if x.is_cuda:
+        if z is None:
+            return torch.ops.aten.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)
+        return torch.ops.aten.cudnn_convolution_add_relu(x, w, z, 1.0, b, stride, padding, dilation, groups)
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    return (y if z is None else y + z).relu_()
+
+
+# Tolerances of the first-use check, per dtype: TF32/cuDNN algorithm choice in float32, rounding in 16-bit.
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 5e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+_CHECKED: dict[tuple[str, int | None, torch.dtype], bool] = {}  # (device type, index, dtype) -> fused works
+
+
+def epilogue_mismatch(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run the fused op once on a small random problem and compare it with the composite reference.
+
+    The forward and every gradient (input, weight, bias, residual), with and without the residual. Returns
+    None where they agree within the dtype's tolerance (relative to the reference's largest value), or what
+    went wrong: the op raised, or which output differs by how much.
+    """
+    g = torch.Generator().manual_seed(0)  # a generator of its own: the run's random streams stay untouched
+    shapes = {"x": (2, 8, 9, 9), "w": (8, 8, 3, 3), "b": (8,), "z": (2, 8, 9, 9)}
+    base = {k: torch.randn(v, generator=g, dtype=torch.float64).to(device, dtype) for k, v in shapes.items()}
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    tolerance = _TOLERANCE.get(dtype, 5e-2)
+    for residual in (False, True):
+        outputs = []
+        for fused in (True, False):
+            t = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+            z = t["z"] if residual else None
+            try:
+                with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                    if fused:
+                        y = ConvBiasReLU.apply(t["x"], t["w"], t["b"], z, *args)
+                    else:
+                        y = F.conv2d(t["x"], t["w"], t["b"], *args)
+                        y = (y if z is None else y + z).relu()
+                    y.backward(torch.ones_like(y))
+            except Exception as error:  # noqa: BLE001 - any failure of the op means: do not use it
+                return f"the fused op raised {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            grads = [t[k].grad for k in ("x", "w", "b")] + ([t["z"].grad] if residual else [])
+            outputs.append([y, *grads])
+        for what, got, ref in zip(("forward", "input grad", "weight grad", "bias grad", "residual grad"), *outputs):
+            scale = ref.double().abs().max().clamp_min(1.0)
+            diff = ((got.double() - ref.double()).abs().max() / scale).item()
+            if not diff <= tolerance:  # NaN too
+                with_z = "with" if residual else "without"
+                return f"the {what} ({with_z} residual) differs by {diff:.3g} relative (tolerance {tolerance:g})"
+    return None
+
+
+def fused_epilogue_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused epilogue matched the reference on this device and dtype: checked once, at first use.
+
+    Why: it is the CUDA default but a private cuDNN op whose results depend on the cuDNN build and the GPU.
+    Where it fails or disagrees, one warning names the op, the dtype and the difference, and the blocks run
+    torchvision's (unfused) forward on that device and dtype from then on.
+    """
+    key = (device.type, device.index, dtype)
+    if key not in _CHECKED:
+        problem = epilogue_mismatch(device, dtype)
+        _CHECKED[key] = problem is None
+        if problem is not None:
+            op = "aten::cudnn_convolution_relu / cudnn_convolution_add_relu" if device.type == "cuda" else "composite"
+            warnings.warn(
+                f"lightning_frozenbn: the fused convolution epilogue ({op}) on {device} in {dtype}: {problem}. "
+                "Running unfused (torchvision's forward) on this device and dtype. Set `fused_epilogue: false` "
+                "to skip the fused path and this check.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _CHECKED[key]
 
 
 def _conv_bias_relu(conv: FoldedConv2d, x: Tensor, z: Tensor | None = None) -> Tensor:
@@ -107,10 +188,12 @@ class _Fused:
         if self.epilogue == "cuda" and not (x.is_cuda and cudnn_epilogue_available()):
             return False
         norms = [getattr(self, f"bn{i}") for i in range(1, len(self._convs()) + 1)]
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return (
             all(isinstance(c, FoldedConv2d) and c.padding_mode == "zeros" for c in self._convs())
             and all(type(n) is FoldedFrozenBatchNorm2d for n in norms)
             and isinstance(self.relu, nn.ReLU)
+            and fused_epilogue_works(x.device, dtype)
         )
 
 

@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from lightning_frozenbn.chunks import Location, read_manifest, require_litdata
 from lightning_frozenbn.coco import CocoDetectionDataModule, check_listed_size, collate_detection
-from lightning_frozenbn.data import ImageFolderDataModule
+from lightning_frozenbn.data import Decoder, ImageFolderDataModule
 from lightning_frozenbn.decode import _decode_bytes
 from lightning_frozenbn.errors import DataError
 
@@ -216,7 +216,7 @@ class StreamingImageDataModule(_Streams, ImageFolderDataModule):
         predict_split: str = "val",
         augment: bool = True,
         seed: int = 0,
-        decode: Literal["tensor", "pil"] = "tensor",
+        decode: Decoder = "tensor",
         decode_device: Literal["cpu"] = "cpu",
         predict_root: str | Path | None = None,
         class_names: list[str] | None = None,

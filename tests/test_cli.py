@@ -1,5 +1,6 @@
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torchvision
 
+from lightning_frozenbn import FrozenBNClassifier
 from lightning_frozenbn.cli import detect_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -459,3 +461,80 @@ def test_enable_checkpointing_false_makes_the_commands_checkpoint_step_aside(tmp
     assert "enable_checkpointing is false: no checkpoints are written" in caplog.text
     kept = FrozenBNCLI(args=quickstart_args(tmp_path), run=False)
     assert type(kept.trainer.checkpoint_callback).__name__ == "ResumableCheckpoint"
+
+
+# Each documented choice: the doc row that lists it, the values the row names (the default column, the words
+# between slashes and the backticked words of the segment the regex takes), and the Literal the CLI shows.
+DOCUMENTED_CHOICES = [
+    ("cli.md", "model.init_args.norm", r"\| `model.init_args.norm` \| (.*)", "lightning_frozenbn.backbone", "Norm"),
+    ("data.md", "data.init_args.decode", r"\| `data.init_args.decode` \| (.*)", "lightning_frozenbn.data", "Decoder"),
+    (
+        "data.md",
+        "data.init_args.decode_device",
+        r"\| `data.init_args.decode_device` \| (\w+) \| `(\w+)`:.*`(\w+)`: NVIDIA DALI",
+        "lightning_frozenbn.data",
+        "DecodeDevice",
+    ),
+    (
+        "cli.md",
+        "guard.init_args.on_violation",
+        r"`init_args.on_violation`: ([\w /]+);",
+        "lightning_frozenbn.guard.callback",
+        "OnViolation",
+    ),
+]
+
+
+def _documented(doc, pattern):
+    text = (ROOT / "docs" / doc).read_text()
+    match = re.search(pattern, text)
+    assert match, f"docs/{doc} no longer has the row {pattern!r}"
+    words = set()
+    for group in match.groups():
+        for cell in group.split("|")[:2]:  # the default and the values/meaning columns
+            words |= set(re.findall(r"`(\w+)`", cell))
+            if re.fullmatch(r"\s*\w+(\s*/\s*\w+)*\s*", cell):
+                words |= {w.strip() for w in cell.split("/")}
+    return words
+
+
+@pytest.mark.parametrize(("doc", "key", "pattern", "module", "literal"), DOCUMENTED_CHOICES, ids=lambda v: str(v))
+def test_every_documented_choice_is_accepted_by_the_cli_parser(doc, key, pattern, module, literal, capsys):
+    import importlib
+    import typing
+
+    choices = set(typing.get_args(getattr(importlib.import_module(module), literal)))
+    documented = _documented(doc, pattern) - {"null", "true", "false"}
+    assert documented == choices, f"docs/{doc} lists {sorted(documented)} for {key}; the CLI accepts {sorted(choices)}"
+    for value in sorted(documented):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--{key}={value}", "--print_config"])
+        assert exit_info.value.code in (0, None), f"--{key}={value} refused: {capsys.readouterr().err}"
+        assert f"{key.rsplit('.', 1)[1]}: {value}" in capsys.readouterr().out
+
+
+class KwargsClassifier(FrozenBNClassifier):
+    """docs/research.md's shape: a subclass that passes the base's arguments through ``**kwargs``."""
+
+    def __init__(self, num_classes: int, scale: float = 16.0, **kwargs):
+        super().__init__(num_classes, **kwargs)
+        self.scale = scale
+
+
+def test_run_settings_reach_a_kwargs_subclass_resumed_from_its_checkpoint(tmp_path, capsys, caplog):
+    import logging
+
+    model = ["--model.class_path", f"{__name__}.KwargsClassifier", "--trainer.limit_val_batches=1"]
+    in_process(
+        capsys, "fit", *quickstart_args(tmp_path, *model, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2")
+    )
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with caplog.at_level(logging.INFO):
+        in_process(
+            capsys,
+            "validate",
+            *quickstart_args(tmp_path, *model, "--model.init_args.fold=false"),
+            "--ckpt_path",
+            str(ckpt),
+        )
+    assert "Using fold=False from the command line or config, not the checkpoint's True" in caplog.text

@@ -1,6 +1,7 @@
 """The fused epilogue: the Function's backward against autograd in float64, whole blocks against the unfused model."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -140,3 +141,51 @@ def test_on_cuda_the_cudnn_epilogue_matches_the_unfused_model(dtype):
         if p.requires_grad:
             scale = p.grad.abs().max().item() + 1e-12
             torch.testing.assert_close(fused_params[name].grad, p.grad, rtol=5 * tol, atol=5 * tol * scale, msg=name)
+
+
+def _no_bias_kernel(x, w, b, z, stride, padding, dilation, groups):
+    """A wrong fused op, as a broken cuDNN build could be: the folded bias left out."""
+    y = torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, groups)
+    return (y if z is None else y + z).relu_()
+
+
+def _raising_kernel(*args):
+    raise RuntimeError("CUDNN_STATUS_NOT_SUPPORTED")
+
+
+@pytest.mark.parametrize(
+    ("planted", "match"),
+    [
+        (None, None),
+        (_no_bias_kernel, r"composite\) on cpu in torch.float64: the forward \(without residual\) differs by"),
+        (_raising_kernel, r"the fused op raised RuntimeError: CUDNN_STATUS_NOT_SUPPORTED"),
+    ],
+    ids=["right-op", "wrong-op", "raising-op"],
+)
+def test_the_fused_path_checks_itself_once_per_device_and_dtype_and_runs_unfused_when_wrong(
+    monkeypatch, planted, match
+):
+    import warnings
+
+    from lightning_frozenbn import epilogue
+
+    monkeypatch.setattr(epilogue, "_CHECKED", {})
+    if planted is not None:
+        monkeypatch.setattr(epilogue, "_kernel", planted)
+    model, fused, _ = model_pair("resnet18")
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    applied = []
+    monkeypatch.setattr(
+        epilogue.ConvBiasReLU, "apply", lambda *a, _f=epilogue.ConvBiasReLU.apply: applied.append(1) or _f(*a)
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fused(x)
+        fused(x)  # checked once: no second warning
+    ours = [w for w in caught if "fused convolution epilogue" in str(w.message)]
+    torch.testing.assert_close(out, model(x), rtol=1e-9, atol=1e-9)  # right either way: fused, or unfused
+    if planted is None:
+        assert not ours and len(applied) > 16  # the check's calls and the blocks' own
+    else:
+        assert len(ours) == 1 and re.search(match, str(ours[0].message)), [str(w.message) for w in ours]
+        assert "Running unfused" in str(ours[0].message)

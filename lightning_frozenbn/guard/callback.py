@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -33,11 +33,12 @@ from lightning_frozenbn.guard.report import eval_overrides, freeze_report, summa
 __all__ = ["FrozenModuleGuard"]
 
 OnViolation = Literal["raise", "warn", "restore"]
+ON_VIOLATION: tuple[str, ...] = get_args(OnViolation)  # one source for the CLI and the check
 
 
 def _check_arguments(modules: Any, on_violation: Any, every_n_train_steps: Any) -> None:
     """The guard's settings, each refused with the value and what is expected."""
-    if on_violation not in ("raise", "warn", "restore"):
+    if on_violation not in ON_VIOLATION:
         raise GuardConfigError(
             f"FrozenModuleGuard(on_violation={on_violation!r}) is not supported: expected 'raise', 'warn' or 'restore'."
         )
