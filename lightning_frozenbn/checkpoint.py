@@ -14,6 +14,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_frozenbn.errors import CheckpointError
@@ -117,12 +118,16 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_step = trainer.global_step  # the step whose model the monitored metric measured
         super().on_validation_end(trainer, pl_module)
+        self._save_monitored(trainer, on_train_epoch_end=False)
         self._ensure_last(trainer, on_train_epoch_end=False)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
+        self._save_monitored(trainer, on_train_epoch_end=True)
         self._ensure_last(trainer, on_train_epoch_end=True)
 
     @override
@@ -133,13 +138,38 @@ class ResumableCheckpoint(ModelCheckpoint):
 
         ModelCheckpoint defers a monitored save until validation (the metric is not there mid-epoch),
         and ``last`` with it: ``every_n_train_steps`` would then write nothing before the epoch ends,
-        and a loader with a state (streaming) could never resume mid-epoch. The best-k files still
-        follow the monitored metric.
+        and a loader with a state (streaming) could never resume mid-epoch. With a monitored metric, the
+        step-interval saves go to ``last.ckpt`` only: ModelCheckpoint would write a top-k file between
+        validations under the *last* validation's score (``best-epoch07-acc0.9777.ckpt`` holding a later,
+        unvalidated model); the top-k files are written right after each validation instead.
         """
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        every = self._every_n_train_steps
-        if every >= 1 and trainer.global_step % every == 0:
+        if self.monitor is None or self._every_n_train_steps < 1:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        every, step = self._every_n_train_steps, trainer.global_step
+        # a run stopped by max_steps between two checkpoint steps: its last step is a mid-epoch resume point too
+        # (else the epoch-end save would record the cut epoch as finished, and a resume would skip its rest)
+        stopped = trainer.max_steps is not None and trainer.max_steps != -1 and step >= trainer.max_steps
+        if every >= 1 and (step % every == 0 or stopped):
             self._save_last_if_missing(trainer)
+
+    def _save_monitored(self, trainer: pl.Trainer, on_train_epoch_end: bool) -> None:
+        """The top-k save right after a validation, where step-interval saves replaced ModelCheckpoint's own."""
+        if (
+            self.monitor is None
+            or self._every_n_train_steps < 1
+            or self._should_save_on_train_epoch_end(trainer) != (on_train_epoch_end)
+        ):
+            return
+        # ModelCheckpoint's skip test without "this step is saved": a step-interval last.ckpt of the epoch's last
+        # step was written before this validation, and the validated model must still get its top-k file
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if getattr(self, "_validated_step", None) != trainer.global_step:  # an epoch cut by max_steps: no validation
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        if self.save_last:  # last.ckpt after the validation, with its state, replaces the one written before it
+            self._save_last_checkpoint(trainer, candidates)
 
     def _ensure_last(self, trainer: pl.Trainer, on_train_epoch_end: bool) -> None:
         if self._should_save_on_train_epoch_end(trainer) == on_train_epoch_end:

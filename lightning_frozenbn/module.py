@@ -142,7 +142,8 @@ class FrozenBNModule(pl.LightningModule):
             raise RuntimeError("calibrate_bn needs a LightningDataModule passed to `Trainer.fit(datamodule=...)`.")
         # Each rank takes every world_size-th batch, so N batches per rank are N x world_size different
         # batches in all (the loader here is the data module's own, not split by Lightning's sampler).
-        loader = datamodule.train_dataloader()
+        # A data module whose training loader has a resumable position (streaming) gives a loader of its own.
+        loader = getattr(datamodule, "calibration_dataloader", datamodule.train_dataloader)()
         rank, world = self.trainer.global_rank, self.trainer.world_size
         shard = world > 1 and len(loader) >= world
         # batch_to_device runs the data module's transfer hooks: uint8 batches arrive normalised, as in training

@@ -147,6 +147,16 @@ class _Streams:
         self._train_loader = loader
         return loader
 
+    def _calibration_stream(self, train: Any, **kwargs: Any) -> Any:
+        """A new stream of the training split with the training items, for ``calibrate_bn`` alone.
+
+        Why: the training stream's position is what a checkpoint saves for an exact mid-epoch resume.
+        Calibrating from it (the module read ``train_dataloader()``) moved litdata's counters, so the
+        saved position was off by the calibration's batches and a resumed epoch had a step too many.
+        """
+        fresh = self._split_dataset("train", train.convert, True, self.seed)
+        return _make_loader(fresh, drop_last=True, **self._loader_args(), **kwargs)
+
     @property
     def manifest(self) -> dict[str, Any]:
         """The chunk folder's manifest (read once, checked for format, version and task)."""
@@ -265,6 +275,12 @@ class StreamingImageDataModule(_Streams, ImageFolderDataModule):
         for split in _STAGE_SPLITS.get(stage, []):
             convert = _ImageItem(self._transform(split == "train"), self.decode == "pil")
             self.datasets[split] = self._split_dataset(split, convert, split == "train", self.seed)
+
+    def calibration_dataloader(self) -> Any:
+        """Training batches for ``calibrate_bn``, from a stream of their own (see :meth:`_calibration_stream`)."""
+        if "train" not in self.datasets:
+            self.setup("fit")
+        return self._calibration_stream(self.datasets["train"])
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
@@ -385,6 +401,12 @@ class StreamingCocoDataModule(_Streams, CocoDetectionDataModule):
             if split not in self._datasets:
                 convert = _CocoItem(label_of, split == "train", self.hflip, self.extra_keys)
                 self._datasets[split] = self._split_dataset(split, convert, split == "train", self.seed)
+
+    def calibration_dataloader(self) -> Any:
+        """Training batches for ``calibrate_bn``, from a stream of their own (see :meth:`_calibration_stream`)."""
+        if "train" not in self._datasets:
+            self.setup("fit")
+        return self._calibration_stream(self._datasets["train"], collate_fn=collate_detection)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self._datasets[split]

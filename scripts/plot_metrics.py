@@ -21,7 +21,7 @@ VAL_METRICS = ("val/acc", "val/map")
 
 
 def find_logs(path: Path) -> Path:
-    """The metrics.csv or TensorBoard folder to read: ``path`` itself, or the newest one under it."""
+    """The metrics.csv or TensorBoard folder to read: ``path`` itself, or the newest training run's under it."""
     if path.is_file():
         return path.parent if "tfevents" in path.name else path
     if (path / "metrics.csv").is_file():
@@ -34,7 +34,16 @@ def find_logs(path: Path) -> Path:
             f"{path} holds no metrics.csv and no TensorBoard events file; pass the run directory "
             "(trainer.default_root_dir) or a file printed at the end of fit."
         )
-    return max(found, key=lambda p: (p.stat().st_mtime, p.suffix == ".csv"))  # newest; CSV when both
+    # the newest training run: `validate`/`test` write log versions of their own, without training rows
+    trained = [p for p in found if p.suffix == ".csv" and _has_training_rows(p)]
+    return max(trained or found, key=lambda p: (p.stat().st_mtime, p.suffix == ".csv"))  # newest; CSV when both
+
+
+def _has_training_rows(csv_path: Path) -> bool:
+    """Whether a metrics.csv logged training (a ``train/`` column), not only a validate or test run."""
+    with csv_path.open() as f:
+        header = f.readline()
+    return any(column.startswith("train/") for column in header.strip().split(","))
 
 
 def read_rows(logs: Path) -> list[dict[str, float]]:

@@ -1,6 +1,6 @@
 """Measure the three frozen-BN claims on real data (scikit-learn's handwritten digits), offline, on CPU.
 
-    python scripts/study.py                 # full study, results/ (tables, plot, JSON); ~20 min on 2 cores
+    python scripts/study.py                 # full study, scripts/study_results/ (tables, plot, JSON); ~20 min on 2 cores
     python scripts/study.py --quick         # reduced version used by the tests (< 2 min)
     python scripts/study.py --task detection [--quick]   # the same claims on the C4 detector (study_detection.py)
 
@@ -264,7 +264,7 @@ def mean_std(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "study_results")
     parser.add_argument("--quick", action="store_true", help="reduced version for tests")
     parser.add_argument(
         "--task",

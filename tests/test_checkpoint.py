@@ -2,6 +2,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +98,40 @@ def test_last_ckpt_is_always_the_latest_epoch(tmp_path):
     ).fit(WorseEveryEpoch(num_classes=4, arch="resnet18"), tiny_loader(), tiny_loader(n=8))
     assert torch.load(ckpt.last_model_path, weights_only=True)["epoch"] == 2
     assert torch.load(ckpt.best_model_path, weights_only=True)["epoch"] == 0
+
+
+def test_with_every_n_train_steps_a_best_checkpoint_holds_the_model_its_score_was_measured_on(tmp_path):
+    """Step-interval saves between validations go to last.ckpt only: a top-k file named with a score holds
+    the model of the validation that measured it (ModelCheckpoint wrote it at later steps, under a stale score)."""
+    from conftest import tiny_loader
+    from lightning.pytorch import Trainer
+
+    from lightning_frozenbn import FrozenBNClassifier, ResumableCheckpoint
+
+    class ScoreIsStep(FrozenBNClassifier):
+        def on_validation_epoch_end(self):
+            self.log("score", float(self.global_step))  # names the step of the model that was validated
+
+    ckpt = ResumableCheckpoint(
+        dirpath=tmp_path,
+        monitor="score",
+        mode="max",
+        save_last=True,
+        save_top_k=-1,
+        every_n_train_steps=3,
+        filename="{epoch}-{step}-{score:.0f}",
+    )
+    Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ckpt],
+    ).fit(ScoreIsStep(num_classes=4, arch="resnet18"), tiny_loader(), tiny_loader(n=8))
+    saved = {Path(p).name: float(s) for p, s in ckpt.best_k_models.items()}
+    assert sorted(saved.values()) == [4.0, 8.0, 12.0]  # one per validation (4 steps an epoch), none between
+    for name, score in saved.items():
+        assert torch.load(tmp_path / name, weights_only=True)["global_step"] == score, name
+    assert torch.load(ckpt.last_model_path, weights_only=True)["global_step"] == 12

@@ -538,3 +538,26 @@ def test_run_settings_reach_a_kwargs_subclass_resumed_from_its_checkpoint(tmp_pa
             str(ckpt),
         )
     assert "Using fold=False from the command line or config, not the checkpoint's True" in caplog.text
+
+
+def test_each_documented_config_writes_under_its_own_run_folder(capsys):
+    """Configs that share a folder resume each other's last.ckpt (`--ckpt_path last`): a cosine run's
+    checkpoint loaded into a ReduceLROnPlateau run crashed, a file run's into the streaming run."""
+    configs = ROOT / "configs"
+    runs = {
+        "quickstart": (main, ["quickstart.yaml"]),
+        "resnet50_finetune": (main, ["resnet50_finetune.yaml"]),
+        "detection_quickstart": (detect_main, ["detection_quickstart.yaml"]),
+        "fasterrcnn_c4_finetune": (detect_main, ["fasterrcnn_c4_finetune.yaml"]),
+        **{
+            overlay: (main, ["quickstart.yaml", f"{overlay}.yaml"])
+            for overlay in ("streaming", "ema", "reduce_on_plateau")
+        },
+    }
+    folders = {}
+    for name, (entry, files) in runs.items():
+        args = [a for f in files for a in ("--config", str(configs / f))]
+        with pytest.raises(SystemExit):
+            entry(["fit", *args, "--print_config"])
+        folders[name] = re.search(r"^  default_root_dir: (\S+)$", capsys.readouterr().out, re.M).group(1)
+    assert len(set(folders.values())) == len(folders), folders

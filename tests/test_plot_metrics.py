@@ -78,3 +78,17 @@ def test_plot_metrics_writes_a_png_from_a_run_directory(tmp_path):
         [sys.executable, str(SCRIPT), str(tmp_path / "nope.csv")], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode != 0 and "nope.csv does not exist" in bad.stderr
+
+
+def test_a_run_directory_plots_its_training_run_not_a_later_validate(tmp_path):
+    fit_with_both_loggers(tmp_path)
+    trained = plot_metrics.find_logs(tmp_path)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 4)), batch_size=2)
+    Trainer(
+        logger=[RunCSVLogger(tmp_path), RunTensorBoardLogger(tmp_path)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    ).validate(Tiny(), data)  # a newer log version with validation rows only
+    assert len(list(tmp_path.rglob("metrics.csv"))) == 2
+    assert plot_metrics.find_logs(tmp_path) == trained and "version_0" in str(trained)

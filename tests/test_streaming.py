@@ -147,8 +147,15 @@ def test_kill_9_mid_epoch_then_resume_sees_every_sample_of_the_epoch_once(chunks
     _, folder = chunks
     log = tmp_path / "seen"
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    calibrate = (
+        "--model.init_args.calibrate_bn",
+        "2",
+    )  # as the quickstart does (20 there): it must not move the stream
     proc = subprocess.Popen(
-        fit_args(tmp_path, folder, log, delay=0.25), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        fit_args(tmp_path, folder, log, *calibrate, delay=0.25),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.time() + 240
@@ -168,7 +175,11 @@ def test_kill_9_mid_epoch_then_resume_sees_every_sample_of_the_epoch_once(chunks
     os.replace(f"{log}.rank0", tmp_path / "first.rank0")
 
     resumed = subprocess.run(
-        fit_args(tmp_path, folder, log, "--ckpt_path", "last"), env=env(), capture_output=True, text=True, timeout=300
+        fit_args(tmp_path, folder, log, *calibrate, "--ckpt_path", "last"),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     second = sample_log.read(log)
@@ -181,6 +192,43 @@ def test_kill_9_mid_epoch_then_resume_sees_every_sample_of_the_epoch_once(chunks
     assert order[0] != order[1]
     out = resumed.stdout + resumed.stderr
     assert "85 frozen tensors bit-identical at epoch 1" in out and "at the end of fit" in out
+
+
+@pytest.mark.slow
+def test_stopped_by_max_steps_off_a_checkpoint_step_with_calibrate_bn_resumes_exactly(chunks, tmp_path):
+    """max_steps 4 with checkpoints every 3 steps, calibrate_bn on: the resume continues at step 5 in epoch 0
+    (the epoch-end save recorded the cut epoch as finished before), every sample once per epoch over the two
+    runs, and both epochs' validation rows in metrics.csv."""
+    _, folder = chunks
+    log = tmp_path / "seen"
+    calibrate = ("--model.init_args.calibrate_bn", "2")
+    first = subprocess.run(
+        fit_args(tmp_path, folder, log, *calibrate, "--trainer.max_steps", "4"),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "calibrate_bn: re-estimated" in first.stdout + first.stderr
+    assert [r["step"] for r in sample_log.read(log)] == [1, 2, 3, 4]
+    resumed = subprocess.run(
+        fit_args(tmp_path, folder, log, *calibrate, "--ckpt_path", "last"),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = sample_log.read(log)
+    assert [(r["step"], r["epoch"]) for r in rows] == [(s, (s - 1) // 12) for s in range(1, 25)]  # 48 / 4 a step
+    for epoch in (0, 1):
+        seen = [i for r in rows if r["epoch"] == epoch for i in r["index"]]
+        assert sorted(seen) == list(range(48)), f"epoch {epoch}: {sorted(Counter(seen).items())}"
+    csv_rows = [line.split(",") for p in (tmp_path / "run").rglob("metrics.csv") for line in p.read_text().splitlines()]
+    header = csv_rows[0]
+    validated = {int(r[header.index("epoch")]) for r in csv_rows[1:] if r[header.index("val/acc")]}
+    assert validated == {0, 1}
 
 
 # ---- an S3-compatible store on 127.0.0.1, two processes -----------------------------------------------
@@ -219,15 +267,17 @@ def test_s3_store_two_process_ddp_stopped_mid_epoch_and_resumed_sees_each_sample
     log = tmp_path / "seen"
     args = fit_args(tmp_path, "s3://frozenbn/sets/abc", log, "--config", str(ROOT / "configs" / "ddp.yaml"))
     args += ["--trainer.devices", "2", "--data.init_args.cache_dir", str(tmp_path / "cache")]
-    # stopped after step 3 of 6 in epoch 0 (checkpoint every 3 steps), then resumed from last.ckpt: each rank
-    # loads the position rank 0 saved and continues its own shard
-    first = subprocess.run([*args, "--trainer.max_steps", "3"], env=env(), capture_output=True, text=True, timeout=400)
+    # stopped by max_steps after step 4 of 6 in epoch 0, off the checkpoint steps (every 3), then resumed from
+    # last.ckpt: each rank loads the position rank 0 saved at step 4 and continues its own shard
+    first = subprocess.run([*args, "--trainer.max_steps", "4"], env=env(), capture_output=True, text=True, timeout=400)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert [len(sample_log.read(log, rank)) for rank in (0, 1)] == [3, 3]
+    assert [len(sample_log.read(log, rank)) for rank in (0, 1)] == [4, 4]
     run = subprocess.run([*args, "--ckpt_path", "last"], env=env(), capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [sample_log.read(log, rank) for rank in (0, 1)]
-    assert all([r["step"] for r in rows] == list(range(1, 13)) for rows in ranks)  # 48 / (2 x 4) = 6 steps an epoch
+    assert all([r["step"] for r in rows] == list(range(1, 13)) for rows in ranks), [
+        [(r["step"], r["epoch"]) for r in rows] for rows in ranks
+    ]  # 48 / (2 x 4) = 6 steps an epoch
     for epoch in (0, 1):
         per_rank = [[i for r in rows if r["epoch"] == epoch for i in r["index"]] for rows in ranks]
         assert not set(per_rank[0]) & set(per_rank[1])
