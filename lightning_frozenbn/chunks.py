@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +114,18 @@ class Location:
         bucket, key = self._bucket_key(name)
         self._client().delete_object(Bucket=bucket, Key=key)
 
+    def delete_folder(self, name: str) -> None:
+        """Remove the sub-folder ``name`` and everything under it, if present."""
+        if not self.remote:
+            shutil.rmtree(Path(self.url) / name, ignore_errors=True)
+            return
+        bucket, prefix = self._bucket_key(name)
+        client = self._client()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+
     def entries(self) -> list[str]:
         """What the folder holds (names, first level); empty if it does not exist."""
         if not self.remote:
@@ -185,6 +199,23 @@ def _check_sizes(root: Path, images: list[dict[str, Any]]) -> None:
         except (OSError, UnidentifiedImageError) as err:
             raise DataError(f"Cannot read image {file!r}: {err}. Delete or replace this file and rerun.") from err
         check_listed_size(file, info, *size)
+
+
+def _fingerprint(entries: list) -> str:
+    """A digest of a split's source files as they are now: each file's name, size and modification time.
+
+    With the labels or COCO records: a file changed on disk (same names, same counts) after the chunks were
+    written changes it, so a rerun does not take the old chunks for complete.
+    """
+    digest = hashlib.sha256()
+    for entry in entries:
+        path = entry[1]
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            raise DataError(f"Cannot read image {path!r}: {err}. Delete or replace this file and rerun.") from err
+        digest.update(json.dumps([*entry, stat.st_size, stat.st_mtime_ns]).encode())
+    return digest.hexdigest()
 
 
 def _describe(data: pl.LightningDataModule, splits: list[str] | None) -> tuple[dict[str, Any], dict[str, list]]:
@@ -268,6 +299,7 @@ def optimize_data(
         "version": VERSION,
         **description,
         "splits": {split: len(items) for split, items in entries.items()},
+        "sources": {split: _fingerprint(items) for split, items in entries.items()},
         "written_by": f"lightning_frozenbn {__version__}",
     }
     done, pending = location.read_json(MANIFEST), location.read_json(PENDING)
@@ -275,10 +307,26 @@ def optimize_data(
         if done == spec:
             print(f"{location.url}: already complete ({spec['splits']}); nothing to write.", file=sys.stderr)
             return done
+        if _same_but_sources(done, spec):
+            changed = sorted(s for s in spec["sources"] if (done.get("sources") or {}).get(s) != spec["sources"][s])
+            raise DataError(
+                f"output_dir {location.url!r} holds chunks of this dataset, but its source files changed since they "
+                f"were written (splits {', '.join(changed)}: a file's size or modification time differs): the "
+                "chunks hold the old bytes. Delete that folder and rerun, or write to a new output_dir."
+            )
         raise DataError(
             f"output_dir {location.url!r} already holds another chunked dataset ({done.get('task')}, splits "
             f"{done.get('splits')}). Choose a new output_dir, or delete that one first."
         )
+    if pending is not None and pending != spec and _same_but_sources(pending, spec):
+        print(
+            f"{location.url}: the source files changed since the interrupted write began; writing every split again.",
+            file=sys.stderr,
+        )
+        for split in pending.get("splits", {}):
+            location.delete_folder(split)
+        pending = None
+        location.delete(PENDING)
     if pending is not None and pending != spec:
         raise DataError(
             f"output_dir {location.url!r} holds an interrupted write of another dataset (splits "
@@ -303,6 +351,12 @@ def optimize_data(
     return spec
 
 
+def _same_but_sources(written: dict[str, Any], spec: dict[str, Any]) -> bool:
+    """Whether a manifest describes the same dataset as ``spec`` except for the source files' fingerprints."""
+    ignore = ("sources", "written_by")
+    return {k: v for k, v in written.items() if k not in ignore} == {k: v for k, v in spec.items() if k not in ignore}
+
+
 def _write_splits(location: Location, entries: dict[str, list], item: Any, workers: int, chunk_bytes: str) -> None:
     from litdata import optimize
 
@@ -313,19 +367,26 @@ def _write_splits(location: Location, entries: dict[str, list], item: Any, worke
             # written in a seeded random order: litdata shuffles chunks and samples within a chunk, so
             # chunks holding one class each (folders are listed class by class) would give one-class batches
             items = [items[i] for i in torch.randperm(len(items), generator=torch.Generator().manual_seed(0))]
+        # lists, not tuples: litdata compares its checkpoint's JSON with the items to resume an interrupted
+        # split, and a tuple never equals its JSON list (every resume was refused as "not compatible")
+        items = [list(entry) for entry in items]
         if _written(location, split) == len(items):
             continue  # finished by an earlier, interrupted run
-        optimize(
-            item,
-            items,
-            output_dir=location.join(split),
-            chunk_bytes=chunk_bytes,
-            num_workers=max(1, min(workers, len(items))),
-            reorder_files=False,
-            use_checkpoint=True,
-            verbose=False,
-            start_method=start,
-        )
+        settings = dict(output_dir=location.join(split), chunk_bytes=chunk_bytes, reorder_files=False, verbose=False)
+        settings.update(num_workers=max(1, min(workers, len(items))), start_method=start)
+        try:  # an interrupted split resumes from litdata's checkpoints
+            optimize(item, items, use_checkpoint=True, **settings)
+        except ValueError as err:
+            if (
+                "checkpoint" not in str(err).lower()
+            ):  # litdata: "Existing checkpoints are not compatible ...", "The number of workers in the checkpoints ..."
+                raise
+            # written with other settings (another --num_workers, --chunk_bytes): start this split over
+            print(
+                f"{location.join(split)}: the interrupted write used other settings; writing it again.", file=sys.stderr
+            )
+            location.delete_folder(split)
+            optimize(item, items, use_checkpoint=True, **settings)
         if _written(location, split) != len(items):
             raise DataError(
                 f"Writing {location.join(split)!r} ended with {_written(location, split)} of {len(items)} samples."

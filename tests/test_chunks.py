@@ -121,3 +121,55 @@ def test_the_command_takes_a_fit_config_and_reports_bad_input_in_one_line(tmp_pa
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: output_dir") and "holds other files (train, val)" in err[0]
+
+
+PACED_WRITE = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import lightning_frozenbn.chunks as chunks
+from lightning_frozenbn import ImageFolderDataModule
+
+item = chunks._classification_item
+chunks._classification_item = lambda entry: time.sleep(0.01) or item(entry)  # paced, so that it can be killed
+chunks.optimize_data(ImageFolderDataModule({tree!r}), {out!r}, num_workers=1, chunk_bytes="8KB")
+"""
+
+
+@pytest.mark.parametrize("rerun_workers", [1, 2], ids=["same-settings-resumes", "other-settings-restarts"])
+def test_a_write_killed_mid_split_is_completed_by_a_rerun_with_every_sample_once(tmp_path, rerun_workers, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    tree, out = jpeg_tree(tmp_path / "tree", n=40), tmp_path / "chunks"
+    script = PACED_WRITE.format(tests=str(Path(__file__).parent), tree=str(tree), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list((out / "train").glob("*.bin"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]  # killed mid-split, not finished
+    assert (out / PENDING).exists() and not (out / MANIFEST).exists()
+    first_chunk = (out / "train" / "chunk-0-0.bin").stat().st_mtime_ns
+    manifest = optimize_data(ImageFolderDataModule(tree), str(out), num_workers=rerun_workers, chunk_bytes="8KB")
+    assert manifest["splits"] == {"train": 120, "val": 120} and read_manifest(Location(str(out))) == manifest
+    for split in ("train", "val"):
+        assert sorted(item["index"] for item in stored_items(out / split)) == list(range(120))
+    err = capsys.readouterr().err
+    if rerun_workers == 1:  # resumed from litdata's checkpoints: the chunks written before the kill are kept
+        assert "writing it again" not in err and (out / "train" / "chunk-0-0.bin").stat().st_mtime_ns == first_chunk
+    else:
+        assert "the interrupted write used other settings; writing it again" in err
+
+
+def test_source_files_changed_after_the_write_are_refused_not_taken_for_complete(tmp_path):
+    from PIL import Image
+
+    tree, out = jpeg_tree(tmp_path / "tree", n=2), tmp_path / "chunks"
+    optimize_data(ImageFolderDataModule(tree), str(out), num_workers=1)
+    Image.new("RGB", (40, 48), (1, 2, 3)).save(tree / "val" / "b" / "1.jpg")  # same name, class and count
+    with pytest.raises(DataError, match=r"its source files changed since they were written \(splits val:"):
+        optimize_data(ImageFolderDataModule(tree), str(out), num_workers=1)
