@@ -479,7 +479,7 @@ DOCUMENTED_CHOICES = [
         "cli.md",
         "guard.init_args.on_violation",
         r"`init_args.on_violation`: ([\w /]+);",
-        "lightning_frozenbn.guard.callback",
+        "lightning_frozenbn.guard.policy",
         "OnViolation",
     ),
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["BASE_FINETUNING", "SHARDED_STRATEGIES", "SWA", "TRAINERS", "namespaces"]
+__all__ = ["BASE_FINETUNING", "SHARDED_STRATEGIES", "SWA", "namespaces"]
 
 
 def namespaces() -> list[Any]:
@@ -41,4 +41,3 @@ SWA = _classes("callbacks.StochasticWeightAveraging")
 SHARDED_STRATEGIES = _classes(
     "strategies.FSDPStrategy", "strategies.DeepSpeedStrategy", "strategies.ModelParallelStrategy"
 )
-TRAINERS = _classes("Trainer")
