@@ -350,3 +350,29 @@ def test_no_weight_decay_on_norm_and_bias():
     norm_affine = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() == 1 and "bn" in n]
     assert norm_affine and all(any(w is p for p in free) for w in norm_affine)  # trainable norm affine: no decay
     assert {id(p) for p in decayed + free} == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+class DrawsPerRank(FrozenBNClassifier):
+    """Writes the first number each training step draws from torch's generator, per rank."""
+
+    def __init__(self, folder: str, **kwargs):
+        super().__init__(**kwargs)
+        self.folder = folder
+
+    def training_step(self, batch, batch_idx):
+        with open(f"{self.folder}/draws.rank{self.global_rank}", "a") as f:
+            f.write(f"{self.global_step} {torch.rand(1).item()!r}\n")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300, method="thread")
+def test_each_ddp_rank_draws_its_own_random_numbers_at_every_step(tmp_path):
+    """The per-step seed includes the rank: with it left out every rank would drop the same activations and
+    sample the same regions (the detector), which is no longer data parallelism over independent draws."""
+    model = DrawsPerRank(str(tmp_path), num_classes=4, arch="resnet18")
+    trainer(tmp_path, strategy=DDP_IN_PYTEST, devices=2, max_steps=3).fit(model, tiny_loader(n=32))
+    draws = [dict(line.split() for line in (tmp_path / f"draws.rank{r}").read_text().splitlines()) for r in (0, 1)]
+    assert list(draws[0]) == list(draws[1]) == ["0", "1", "2"]
+    assert all(draws[0][step] != draws[1][step] for step in draws[0])
+    assert len(set(draws[0].values())) == 3  # and each step its own draw
