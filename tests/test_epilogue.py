@@ -124,7 +124,11 @@ def test_a_block_with_an_unfolded_conv_or_a_user_subclass_is_not_fused():
 @pytest.mark.skipif(not cudnn_epilogue_available(), reason="needs CUDA with cuDNN's fused epilogue ops")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_on_cuda_the_cudnn_epilogue_matches_the_unfused_model(dtype):
+    from lightning_frozenbn.epilogue import epilogue_mismatch
+
     torch.backends.cudnn.allow_tf32 = False
+    # the first-use self-check on this GPU and dtype: the fused op must pass it, or the model runs unfused
+    assert epilogue_mismatch(torch.device("cuda"), dtype) is None
     ref_model, _ = build_resnet("resnet50", None, "frozen", 2, fold=True, fused_epilogue=False)
     ref_model = randomize_bn(ref_model).cuda().to(memory_format=torch.channels_last)
     fused = fuse_epilogues(copy.deepcopy(ref_model))  # the default mode: fused on CUDA
