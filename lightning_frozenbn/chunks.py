@@ -18,12 +18,13 @@ import torch
 from lightning_frozenbn.errors import DataError
 from lightning_frozenbn.files import write_atomically
 
-__all__ = ["FORMAT", "MANIFEST", "Location", "main", "optimize_data", "read_manifest"]
+__all__ = ["FORMAT", "MANIFEST", "Location", "check_chunks", "main", "optimize_data", "read_manifest"]
 
 FORMAT = "lightning_frozenbn.chunks"
 VERSION = 1
 MANIFEST = "lightning_frozenbn.json"  # written last: its presence means every split is complete
 PENDING = "lightning_frozenbn.pending.json"  # what is being written; an interrupted run resumes from it
+LOCK = "lightning_frozenbn.lock"  # held by the one optimize writing a folder (local folders)
 INSTALL = 'pip install "lightning_frozenbn[streaming]"'
 
 
@@ -126,6 +127,21 @@ class Location:
             if keys:
                 client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
 
+    def sizes(self, folder: str) -> dict[str, int]:
+        """The files directly in the sub-folder ``folder`` and their sizes in bytes (empty if none)."""
+        if not self.remote:
+            path = Path(self.url) / folder
+            return {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()} if path.is_dir() else {}
+        bucket, prefix = self._bucket_key(folder)
+        prefix = prefix.rstrip("/") + "/"
+        found: dict[str, int] = {}
+        for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(prefix) :]
+                if "/" not in name:
+                    found[name] = int(obj["Size"])
+        return found
+
     def entries(self) -> list[str]:
         """What the folder holds (names, first level); empty if it does not exist."""
         if not self.remote:
@@ -162,6 +178,87 @@ def read_manifest(location: Location) -> dict[str, Any]:
     return manifest
 
 
+def check_chunks(location: Location, split: str) -> None:
+    """Every chunk a split's index lists is there with the size the index says, or one :class:`DataError`.
+
+    Why: litdata meets a missing or truncated chunk only when a worker reaches it, as a
+    ``ChunkWaitTimeoutError`` traceback deep in a loader; checked here, when the split is opened.
+    """
+    index = location.read_json(f"{split}/index.json")
+    if index is None:
+        raise DataError(
+            f"{location.join(split)!r} has no index.json: rerun `lightning-frozenbn-optimize` into a new folder."
+        )
+    sizes = location.sizes(split)
+    for chunk in index["chunks"]:
+        name, expected = chunk["filename"], int(chunk["chunk_bytes"])
+        found = sizes.get(name)
+        if found != expected:
+            what = "is missing" if found is None else f"holds {found} bytes where the index says {expected}"
+            raise DataError(
+                f"Chunk {location.join(split, name)!r} {what}: the chunk folder is damaged. Delete it and rerun "
+                "`lightning-frozenbn-optimize` (or write to a new output_dir)."
+            )
+
+
+class _Lock:
+    """The one optimize that writes a local folder: a lock file made with O_EXCL, holding host and pid.
+
+    A lock left by a killed writer (same host, its pid gone) is taken over; one held by a live process is a
+    :class:`DataError` naming it. S3 has no such primitive here: for buckets, do not run two writers at once.
+    """
+
+    def __init__(self, location: Location) -> None:
+        self.path = None if location.remote else Path(location.url) / LOCK
+        self.url = location.url
+
+    def __enter__(self) -> _Lock:
+        if self.path is None or (self.path.parent.exists() and not self.path.parent.is_dir()):
+            return self  # a bucket, or a file where the folder should be (refused by the checks after this)
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+                    self.path.unlink(missing_ok=True)  # left by a writer that was killed: take it over
+                    continue
+                raise DataError(
+                    f"output_dir {self.url!r} is being written by another lightning-frozenbn-optimize (pid "
+                    f"{holder.get('pid')} on {holder.get('host')}): wait for it to finish, or stop it and rerun."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return self
+        raise DataError(f"Cannot take the lock {str(self.path)!r}: delete it if no optimize is running, and rerun.")
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text()) if self.path is not None else {}
+        except (OSError, ValueError):
+            return {}
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
+
+
 # ---- what is written: one sample per image, its encoded bytes untouched --------------------------
 def _read_bytes(path: str) -> bytes:
     try:
@@ -179,6 +276,24 @@ def _classification_item(entry: tuple[int, str, int, str]) -> dict[str, Any]:
 def _detection_item(entry: tuple[int, str, str]) -> dict[str, Any]:
     index, path, record = entry
     return {"index": index, "image": _read_bytes(path), "record": record}
+
+
+def _check_images(paths: list[str]) -> None:
+    """Every file opens as an image (its header), checked in this process before anything is written.
+
+    Why here: a file that cannot be read, or a text file named ``.jpg``, was written into the chunks (or
+    failed in a writer process with litdata's traceback) and broke training later, far from its cause.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path):  # the header only
+                pass
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(
+                f"Cannot read image {path!r}: {err}. Delete or replace this file and rerun; nothing was written."
+            ) from err
 
 
 def _check_sizes(root: Path, images: list[dict[str, Any]]) -> None:
@@ -234,6 +349,7 @@ def _describe(data: pl.LightningDataModule, splits: list[str] | None) -> tuple[d
             entries[split] = [
                 (i, path, label, str(Path(path).relative_to(root))) for i, (path, label) in enumerate(dataset.samples)
             ]
+            _check_images([path for path, _ in dataset.samples])
         # the source's augmentation settings: a streaming module left at None uses them (DigitsDataModule's
         # min_scale 0.6 and no flips are not ImageFolderDataModule's defaults)
         augment = {"min_scale": data.min_scale, "hflip": data.hflip}
@@ -302,53 +418,57 @@ def optimize_data(
         "sources": {split: _fingerprint(items) for split, items in entries.items()},
         "written_by": f"lightning_frozenbn {__version__}",
     }
-    done, pending = location.read_json(MANIFEST), location.read_json(PENDING)
-    if done is not None:
-        if done == spec:
-            print(f"{location.url}: already complete ({spec['splits']}); nothing to write.", file=sys.stderr)
-            return done
-        if _same_but_sources(done, spec):
-            changed = sorted(s for s in spec["sources"] if (done.get("sources") or {}).get(s) != spec["sources"][s])
+    with _Lock(location):  # checks and writes by one writer at a time
+        done, pending = location.read_json(MANIFEST), location.read_json(PENDING)
+        if done is not None:
+            if done == spec:
+                print(f"{location.url}: already complete ({spec['splits']}); nothing to write.", file=sys.stderr)
+                return done
+            if _same_but_sources(done, spec):
+                before = done.get("sources") or {}
+                changed = sorted(s for s in spec["sources"] if before.get(s) != spec["sources"][s])
+                raise DataError(
+                    f"output_dir {location.url!r} holds chunks of this dataset, but its source files changed since "
+                    f"they were written (splits {', '.join(changed)}: a file's size or modification time differs): the "
+                    "chunks hold the old bytes. Delete that folder and rerun, or write to a new output_dir."
+                )
             raise DataError(
-                f"output_dir {location.url!r} holds chunks of this dataset, but its source files changed since they "
-                f"were written (splits {', '.join(changed)}: a file's size or modification time differs): the "
-                "chunks hold the old bytes. Delete that folder and rerun, or write to a new output_dir."
+                f"output_dir {location.url!r} already holds another chunked dataset ({done.get('task')}, splits "
+                f"{done.get('splits')}). Choose a new output_dir, or delete that one first."
             )
-        raise DataError(
-            f"output_dir {location.url!r} already holds another chunked dataset ({done.get('task')}, splits "
-            f"{done.get('splits')}). Choose a new output_dir, or delete that one first."
-        )
-    if pending is not None and pending != spec and _same_but_sources(pending, spec):
-        print(
-            f"{location.url}: the source files changed since the interrupted write began; writing every split again.",
-            file=sys.stderr,
-        )
-        for split in pending.get("splits", {}):
-            location.delete_folder(split)
-        pending = None
+        if pending is not None and pending != spec and _same_but_sources(pending, spec):
+            print(
+                f"{location.url}: the source files changed since the interrupted write began; writing every "
+                "split again.",
+                file=sys.stderr,
+            )
+            for split in pending.get("splits", {}):
+                location.delete_folder(split)
+            pending = None
+            location.delete(PENDING)
+        if pending is not None and pending != spec:
+            raise DataError(
+                f"output_dir {location.url!r} holds an interrupted write of another dataset (splits "
+                f"{pending.get('splits')}). Delete it, or rerun the command that started it."
+            )
+        if pending is None and [e for e in location.entries() if e != LOCK]:
+            raise DataError(
+                f"output_dir {location.url!r} exists and holds other files "
+                f"({', '.join([e for e in location.entries() if e != LOCK][:5])}): "
+                "choose a new or empty folder, so that nothing is mixed with or overwrites them."
+            )
+        location.write_json(PENDING, spec)
+        workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+        item = _classification_item if spec["task"] == "classification" else _detection_item
+        # litdata sets the process-wide start method (spawn by default) and leaves it: put the caller's back
+        previous = multiprocessing.get_start_method(allow_none=True)
+        try:
+            _write_splits(location, entries, item, workers, chunk_bytes)
+        finally:
+            multiprocessing.set_start_method(previous, force=True)
+        location.write_json(MANIFEST, spec)
         location.delete(PENDING)
-    if pending is not None and pending != spec:
-        raise DataError(
-            f"output_dir {location.url!r} holds an interrupted write of another dataset (splits "
-            f"{pending.get('splits')}). Delete it, or rerun the command that started it."
-        )
-    if pending is None and location.entries():
-        raise DataError(
-            f"output_dir {location.url!r} exists and holds other files ({', '.join(location.entries()[:5])}): "
-            "choose a new or empty folder, so that nothing is mixed with or overwrites them."
-        )
-    location.write_json(PENDING, spec)
-    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    item = _classification_item if spec["task"] == "classification" else _detection_item
-    # litdata sets the process-wide start method (spawn by default) and leaves it: put the caller's back
-    previous = multiprocessing.get_start_method(allow_none=True)
-    try:
-        _write_splits(location, entries, item, workers, chunk_bytes)
-    finally:
-        multiprocessing.set_start_method(previous, force=True)
-    location.write_json(MANIFEST, spec)
-    location.delete(PENDING)
-    return spec
+        return spec
 
 
 def _same_but_sources(written: dict[str, Any], spec: dict[str, Any]) -> bool:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from lightning_frozenbn.chunks import Location, read_manifest, require_litdata
+from lightning_frozenbn.chunks import Location, check_chunks, read_manifest, require_litdata
 from lightning_frozenbn.coco import CocoDetectionDataModule, check_listed_size, collate_detection
 from lightning_frozenbn.data import Decoder, ImageFolderDataModule
 from lightning_frozenbn.decode import _decode_bytes
@@ -176,6 +176,7 @@ class _Streams:
                 f"{self.location.url!r} has no {split!r} split (it has {sorted(self.manifest['splits'])}): "
                 f"write it with `lightning-frozenbn-optimize --splits [..., {split}]`."
             )
+        check_chunks(self.location, split)  # a missing or truncated chunk: one line now, not a loader timeout later
         cache = None if self.cache_dir is None else str(Path(self.cache_dir) / split)
         return _dataset_class()(
             self.location.join(split),

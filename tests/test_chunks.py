@@ -173,3 +173,51 @@ def test_source_files_changed_after_the_write_are_refused_not_taken_for_complete
     Image.new("RGB", (40, 48), (1, 2, 3)).save(tree / "val" / "b" / "1.jpg")  # same name, class and count
     with pytest.raises(DataError, match=r"its source files changed since they were written \(splits val:"):
         optimize_data(ImageFolderDataModule(tree), str(out), num_workers=1)
+
+
+def test_a_text_file_named_jpg_is_refused_before_anything_is_written(tmp_path):
+    tree, out = jpeg_tree(tmp_path / "tree", n=2), tmp_path / "chunks"
+    (tree / "train" / "b" / "notes.jpg").write_text("not an image")
+    with pytest.raises(DataError, match=r"Cannot read image '.*train/b/notes.jpg'.*nothing was written"):
+        optimize_data(ImageFolderDataModule(tree), str(out), num_workers=1)
+    assert not out.exists() or not [p for p in out.iterdir()]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_damaged_chunk_is_one_line_naming_it_when_the_split_is_opened(tmp_path, damage):
+    from lightning_frozenbn import StreamingImageDataModule
+
+    out = tmp_path / "chunks"
+    optimize_data(ImageFolderDataModule(jpeg_tree(tmp_path / "tree", n=2)), str(out), num_workers=1)
+    chunk = sorted((out / "val").glob("*.bin"))[0]
+    if damage == "deleted":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    what = "is missing" if damage == "deleted" else r"holds \d+ bytes where the index says \d+"
+    with pytest.raises(DataError, match=rf"Chunk '.*val/{chunk.name}' {what}: the chunk folder is damaged"):
+        StreamingImageDataModule(str(out), num_workers=0).setup("validate")
+
+
+def test_a_second_writer_on_the_same_folder_is_refused_while_the_first_writes(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    tree, out = jpeg_tree(tmp_path / "tree", n=20), tmp_path / "chunks"
+    script = PACED_WRITE.format(tests=str(Path(__file__).parent), tree=str(tree), out=str(out))
+    first = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not list((out / "train").glob("*.bin")):
+            time.sleep(0.02)
+        assert first.poll() is None, "the first writer finished before the second started"
+        with pytest.raises(
+            DataError, match=rf"is being written by another lightning-frozenbn-optimize \(pid {first.pid}"
+        ):
+            optimize_data(ImageFolderDataModule(tree), str(out), num_workers=1, chunk_bytes="8KB")
+        assert first.wait(timeout=120) == 0, first.stderr.read().decode()[-2000:]
+    finally:
+        first.kill()
+    assert read_manifest(Location(str(out)))["splits"] == {"train": 60, "val": 60}  # nothing mixed in

@@ -229,6 +229,10 @@ def test_stopped_by_max_steps_off_a_checkpoint_step_with_calibrate_bn_resumes_ex
     header = csv_rows[0]
     validated = {int(r[header.index("epoch")]) for r in csv_rows[1:] if r[header.index("val/acc")]}
     assert validated == {0, 1}
+    # the streaming config checkpoints every 3 steps: a best file holds a validated model (an epoch end), the
+    # model its name's score was measured on
+    best = list((tmp_path / "run" / "checkpoints").glob("best*.ckpt"))
+    assert best and all(torch.load(p, weights_only=False)["global_step"] % 12 == 0 for p in best), best
 
 
 # ---- an S3-compatible store on 127.0.0.1, two processes -----------------------------------------------
