@@ -107,3 +107,30 @@ def test_trainable_parameters_that_differ_across_ranks_are_named(tmp_path):
             strategy=DDP_IN_PYTEST,
             devices=2,
         ).fit(Net())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400, method="thread")
+def test_finetuning_schedulers_phases_under_ddp_train_one_model(tmp_path):
+    """FinetuningScheduler thaws the backbone at its phase 1, after DDP wrapped the model: the same cause, the
+    same fix (its phases are BaseFinetuning releases)."""
+    fts = pytest.importorskip("finetuning_scheduler")
+    model = Net()
+    model.backbone.requires_grad_(True)  # FTS freezes and thaws by its schedule
+    schedule = {
+        0: {"params": ["head.*"], "max_transition_epoch": 1},
+        1: {"params": ["backbone.*"], "max_transition_epoch": 3},
+    }
+    scheduler = fts.FinetuningScheduler(ft_schedule=schedule, epoch_transitions_only=True, restore_best=False)
+    quiet_trainer(
+        tmp_path,
+        callbacks=[scheduler, FrozenModuleGuard(), SaveWeights(tmp_path)],
+        max_epochs=3,
+        strategy=DDP_IN_PYTEST,
+        devices=2,
+        use_distributed_sampler=False,
+    ).fit(model)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(rank0["backbone.0.weight"], Net().backbone[0].weight.detach())  # it did train
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between the ranks"
