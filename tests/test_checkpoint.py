@@ -76,17 +76,11 @@ def test_weights_only_false_is_refused_not_ignored(tmp_path):
         assert AtomicCheckpointIO().load_checkpoint(tmp_path / "ok.ckpt", weights_only=weights_only)["x"] == 1
 
 
-def test_last_ckpt_is_always_the_latest_epoch(tmp_path):
+def fit_three_epochs(tmp_path, model, ckpt):
+    """Three epochs of 4 steps on tiny data, validated after each, with ``ckpt`` the only checkpoint callback."""
     from conftest import tiny_loader
     from lightning.pytorch import Trainer
 
-    from lightning_frozenbn import FrozenBNClassifier, ResumableCheckpoint
-
-    class WorseEveryEpoch(FrozenBNClassifier):
-        def on_validation_epoch_end(self):
-            self.log("score", float(-self.current_epoch))  # never improves after epoch 0
-
-    ckpt = ResumableCheckpoint(dirpath=tmp_path, monitor="score", mode="max", save_last=True)
     Trainer(
         default_root_dir=tmp_path,
         max_epochs=3,
@@ -95,7 +89,19 @@ def test_last_ckpt_is_always_the_latest_epoch(tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[ckpt],
-    ).fit(WorseEveryEpoch(num_classes=4, arch="resnet18"), tiny_loader(), tiny_loader(n=8))
+    ).fit(model, tiny_loader(), tiny_loader(n=8))
+
+
+def test_last_ckpt_is_always_the_latest_epoch(tmp_path):
+
+    from lightning_frozenbn import FrozenBNClassifier, ResumableCheckpoint
+
+    class WorseEveryEpoch(FrozenBNClassifier):
+        def on_validation_epoch_end(self):
+            self.log("score", float(-self.current_epoch))  # never improves after epoch 0
+
+    ckpt = ResumableCheckpoint(dirpath=tmp_path, monitor="score", mode="max", save_last=True)
+    fit_three_epochs(tmp_path, WorseEveryEpoch(num_classes=4, arch="resnet18"), ckpt)
     assert torch.load(ckpt.last_model_path, weights_only=True)["epoch"] == 2
     assert torch.load(ckpt.best_model_path, weights_only=True)["epoch"] == 0
 
@@ -103,8 +109,6 @@ def test_last_ckpt_is_always_the_latest_epoch(tmp_path):
 def test_with_every_n_train_steps_a_best_checkpoint_holds_the_model_its_score_was_measured_on(tmp_path):
     """Step-interval saves between validations go to last.ckpt only: a top-k file named with a score holds
     the model of the validation that measured it (ModelCheckpoint wrote it at later steps, under a stale score)."""
-    from conftest import tiny_loader
-    from lightning.pytorch import Trainer
 
     from lightning_frozenbn import FrozenBNClassifier, ResumableCheckpoint
 
@@ -121,15 +125,7 @@ def test_with_every_n_train_steps_a_best_checkpoint_holds_the_model_its_score_wa
         every_n_train_steps=3,
         filename="{epoch}-{step}-{score:.0f}",
     )
-    Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ckpt],
-    ).fit(ScoreIsStep(num_classes=4, arch="resnet18"), tiny_loader(), tiny_loader(n=8))
+    fit_three_epochs(tmp_path, ScoreIsStep(num_classes=4, arch="resnet18"), ckpt)
     saved = {Path(p).name: float(s) for p, s in ckpt.best_k_models.items()}
     assert sorted(saved.values()) == [4.0, 8.0, 12.0]  # one per validation (4 steps an epoch), none between
     for name, score in saved.items():

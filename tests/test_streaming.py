@@ -142,6 +142,11 @@ def env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
+def run(args, timeout=300):
+    """A console command in its own process (with the tests' sample log importable), its output captured."""
+    return subprocess.run(args, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_sees_every_sample_of_the_epoch_once(chunks, tmp_path):
     _, folder = chunks
@@ -174,13 +179,7 @@ def test_kill_9_mid_epoch_then_resume_sees_every_sample_of_the_epoch_once(chunks
     assert 3 <= saved < 12 and first[-1]["step"] > saved, (saved, first[-1])  # killed mid-epoch 0, steps lost
     os.replace(f"{log}.rank0", tmp_path / "first.rank0")
 
-    resumed = subprocess.run(
-        fit_args(tmp_path, folder, log, *calibrate, "--ckpt_path", "last"),
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run(fit_args(tmp_path, folder, log, *calibrate, "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     second = sample_log.read(log)
     assert second[0]["step"] == saved + 1  # training resumed at the step after the checkpoint
@@ -202,23 +201,11 @@ def test_stopped_by_max_steps_off_a_checkpoint_step_with_calibrate_bn_resumes_ex
     _, folder = chunks
     log = tmp_path / "seen"
     calibrate = ("--model.init_args.calibrate_bn", "2")
-    first = subprocess.run(
-        fit_args(tmp_path, folder, log, *calibrate, "--trainer.max_steps", "4"),
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    first = run(fit_args(tmp_path, folder, log, *calibrate, "--trainer.max_steps", "4"))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "calibrate_bn: re-estimated" in first.stdout + first.stderr
     assert [r["step"] for r in sample_log.read(log)] == [1, 2, 3, 4]
-    resumed = subprocess.run(
-        fit_args(tmp_path, folder, log, *calibrate, "--ckpt_path", "last"),
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run(fit_args(tmp_path, folder, log, *calibrate, "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = sample_log.read(log)
     assert [(r["step"], r["epoch"]) for r in rows] == [(s, (s - 1) // 12) for s in range(1, 25)]  # 48 / 4 a step
@@ -273,15 +260,13 @@ def test_s3_store_two_process_ddp_stopped_mid_epoch_and_resumed_sees_each_sample
     args += ["--trainer.devices", "2", "--data.init_args.cache_dir", str(tmp_path / "cache")]
     # stopped by max_steps after step 4 of 6 in epoch 0, off the checkpoint steps (every 3), then resumed from
     # last.ckpt: each rank loads the position rank 0 saved at step 4 and continues its own shard
-    first = subprocess.run([*args, "--trainer.max_steps", "4"], env=env(), capture_output=True, text=True, timeout=400)
+    first = run([*args, "--trainer.max_steps", "4"], timeout=400)
     assert first.returncode == 0, first.stderr[-3000:]
     assert [len(sample_log.read(log, rank)) for rank in (0, 1)] == [4, 4]
-    run = subprocess.run([*args, "--ckpt_path", "last"], env=env(), capture_output=True, text=True, timeout=400)
-    assert run.returncode == 0, run.stderr[-3000:]
+    resumed = run([*args, "--ckpt_path", "last"], timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     ranks = [sample_log.read(log, rank) for rank in (0, 1)]
-    assert all([r["step"] for r in rows] == list(range(1, 13)) for rows in ranks), [
-        [(r["step"], r["epoch"]) for r in rows] for rows in ranks
-    ]  # 48 / (2 x 4) = 6 steps an epoch
+    assert all([r["step"] for r in rows] == list(range(1, 13)) for rows in ranks)  # 48 / (2 x 4) = 6 steps an epoch
     for epoch in (0, 1):
         per_rank = [[i for r in rows if r["epoch"] == epoch for i in r["index"]] for rows in ranks]
         assert not set(per_rank[0]) & set(per_rank[1])
