@@ -636,7 +636,7 @@ def test_an_accidental_unfreeze_beside_basefinetuning_is_still_a_violation(tmp_p
         ).fit(FinetuneNet(), tiny_loader(n=32, batch_size=8))
 
 
-def test_resume_after_a_release_keeps_the_released_set_and_the_original_reference(tmp_path):
+def test_resume_after_a_release_keeps_the_released_set_and_the_original_reference(tmp_path, caplog):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     guard = FrozenModuleGuard()
     model = FinetuneNet()
@@ -652,13 +652,26 @@ def test_resume_after_a_release_keeps_the_released_set_and_the_original_referenc
     assert "backbone.0.weight" not in saved["reference_checksums"] and "stem.0.weight" in saved["reference_checksums"]
     guard2 = FrozenModuleGuard()
     resumed = FinetuneNet()
-    trainer(tmp_path, [guard2, BackboneFinetuning(unfreeze_backbone_at_epoch=1)], max_epochs=4).fit(
-        resumed, tiny_loader(n=32, batch_size=8), ckpt_path=Path(ckpt.dirpath) / "last.ckpt"
-    )
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, [guard2, BackboneFinetuning(unfreeze_backbone_at_epoch=1)], max_epochs=4).fit(
+            resumed, tiny_loader(n=32, batch_size=8), ckpt_path=Path(ckpt.dirpath) / "last.ckpt"
+        )
     assert guard2.epochs_verified == 4
     assert set(guard2.released_tensor_names) == set(guard.released_tensor_names)
     assert not any(n.startswith("backbone.0") for n in guard2.frozen_tensor_names)  # not re-guarded
     assert "stem.0.weight" in guard2.frozen_tensor_names and torch.equal(resumed.stem[0].weight, stem)
+    # the released backbone trains after the resume as it did before (BaseFinetuning alone froze it again):
+    # the resumed run ends where the uninterrupted one does
+    assert "4 parameters released before the resume (backbone.0, backbone.3 (2 modules))" in caplog.text
+    torch.manual_seed(0)  # as the first model was built (the autouse fixture's seed)
+    whole = FinetuneNet()
+    assert torch.equal(whole.stem[0].weight, stem)
+    trainer(
+        tmp_path / "whole", [FrozenModuleGuard(), BackboneFinetuning(unfreeze_backbone_at_epoch=1)], max_epochs=4
+    ).fit(whole, tiny_loader(n=32, batch_size=8))
+    assert not torch.equal(resumed.backbone[0].weight, model.backbone[0].weight)  # it trained after the resume
+    for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 class ReleaseAndProtect(Callback):

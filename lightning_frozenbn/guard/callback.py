@@ -146,6 +146,29 @@ class FrozenModuleGuard(Callback):
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._keep_values_before_load)
         self._watch.wrap(trainer, self._after_finetuning)
 
+    def _train_released_again(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a resume, parameters released before it train again, as they did before the interruption.
+
+        Lightning's ``BaseFinetuning`` freezes its modules again in ``setup`` and restores only the optimizer's
+        parameter groups: a backbone released at an earlier epoch sat in the optimizer with
+        ``requires_grad=False`` and silently stopped training after every resume. The released set is in
+        this guard's checkpoint state, so it switches them back on, with one line.
+        """
+        in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        again = [
+            name
+            for name, p in pl_module.named_parameters()
+            if name in self._released and not p.requires_grad and id(p) in in_optimizer
+        ]
+        for name in again:
+            pl_module.get_parameter(name).requires_grad_(True)
+        if again:
+            rank_zero_info(
+                f"FrozenModuleGuard: {len(again)} parameters released before the resume ({summarise(again)}) are in "
+                "the optimizer but were frozen again (BaseFinetuning freezes in setup and restores only the "
+                "optimizer's groups): requires_grad is switched back on, so they train as before the interruption."
+            )
+
     def _keep_values_before_load(self, module: nn.Module, *args: Any) -> None:
         self._before_load = {name: record.reference for name, record in self._collect(module).records.items()}
 
@@ -172,6 +195,7 @@ class FrozenModuleGuard(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_load_hook()
         self._trainer, self._training_started = trainer, True
+        self._train_released_again(trainer, pl_module)
         self._ledger = self._collect(pl_module)
         self._force_eval(pl_module)
         problems, unrecoverable = [], []
