@@ -14,7 +14,6 @@ from typing_extensions import override
 from lightning_frozenbn.errors import GuardConfigError
 from lightning_frozenbn.guard.consensus import Consensus
 from lightning_frozenbn.guard.discovery import (
-    EvalForcing,
     defines_configure_model,
     eval_subtrees,
     find_frozen_modules,
@@ -22,12 +21,14 @@ from lightning_frozenbn.guard.discovery import (
     under,
     unguarded_frozen,
 )
-from lightning_frozenbn.guard.finetuning import FinetuningWatch, split_unfrozen
+from lightning_frozenbn.guard.eval_mode import EvalForcing
+from lightning_frozenbn.guard.finetuning import FinetuningWatch, frozen_again, split_unfrozen
 from lightning_frozenbn.guard.gradients import ReleasedGradients
 from lightning_frozenbn.guard.ledger import Ledger, fingerprint
 from lightning_frozenbn.guard.namespaces import SHARDED_STRATEGIES
 from lightning_frozenbn.guard.policy import OnViolation, apply_policy, check_arguments, hints
 from lightning_frozenbn.guard.report import eval_overrides, freeze_report, summarise
+from lightning_frozenbn.norm import StatsFrozenBatchNorm2d
 
 __all__ = ["FrozenModuleGuard"]
 
@@ -147,19 +148,8 @@ class FrozenModuleGuard(Callback):
         self._watch.wrap(trainer, self._after_finetuning)
 
     def _train_released_again(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """After a resume, parameters released before it train again, as they did before the interruption.
-
-        Lightning's ``BaseFinetuning`` freezes its modules again in ``setup`` and restores only the optimizer's
-        parameter groups: a backbone released at an earlier epoch sat in the optimizer with
-        ``requires_grad=False`` and silently stopped training after every resume. The released set is in
-        this guard's checkpoint state, so it switches them back on, with one line.
-        """
-        in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        again = [
-            name
-            for name, p in pl_module.named_parameters()
-            if name in self._released and not p.requires_grad and id(p) in in_optimizer
-        ]
+        """After a resume, parameters released before it train again, as before the interruption (one line)."""
+        again = frozen_again(pl_module, self._released, trainer.optimizers)
         for name in again:
             pl_module.get_parameter(name).requires_grad_(True)
         if again:
@@ -203,7 +193,11 @@ class FrozenModuleGuard(Callback):
             problems, unrecoverable = self._ledger.compare_with_checkpoint(self._loaded_checksums, self._before_load)
         self._before_load = {}
         overrides = eval_overrides(list(trainer.callbacks), self._eval.modules)
-        rank_zero_info(freeze_report(self, pl_module, overrides))
+        still = {n: m for n, m in self._roots.items() if any(under(t, n) or not n for t in self._ledger.names)}
+        stats = sum(isinstance(m, StatsFrozenBatchNorm2d) for m in pl_module.modules())
+        args = (self._eval.roots, self._eval.modules, list(self._released), stats, overrides)
+        report = freeze_report(len(self._ledger.names), still, *args)
+        rank_zero_info(report)
         self._verify(trainer, "the start of training", problems, unrecoverable=unrecoverable)
 
     @override

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from lightning_frozenbn.guard.ledger import Ledger
 from lightning_frozenbn.guard.namespaces import BASE_FINETUNING
 
-__all__ = ["FinetuningWatch", "split_unfrozen"]
+__all__ = ["FinetuningWatch", "frozen_again", "split_unfrozen"]
 
 
 def split_unfrozen(ledger: Ledger, optimizers: list[Any]) -> tuple[list[str], list[str]]:
@@ -25,6 +25,16 @@ def split_unfrozen(ledger: Ledger, optimizers: list[Any]) -> tuple[list[str], li
     released = [n for n in switched if id(ledger.records[n].live) in in_optimizer]
     held = [n for n in switched if n not in released]
     return released + ledger.buffers_of_released_owners(set(released)), held
+
+
+def frozen_again(model: Any, released: Any, optimizers: list[Any]) -> list[str]:
+    """The released parameters that sit in an optimizer with ``requires_grad=False``: they would not train.
+
+    After a resume, Lightning's ``BaseFinetuning`` freezes its modules again in ``setup`` and restores only
+    the optimizer's parameter groups, so a backbone released before the interruption stops training.
+    """
+    in_optimizer = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    return [n for n, p in model.named_parameters() if n in released and not p.requires_grad and id(p) in in_optimizer]
 
 
 class FinetuningWatch:

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-from lightning_frozenbn.guard.discovery import mode_sensitive_kinds, under
-from lightning_frozenbn.norm import StatsFrozenBatchNorm2d
-
-if TYPE_CHECKING:
-    from lightning_frozenbn.guard.callback import FrozenModuleGuard
+from lightning_frozenbn.guard.eval_mode import mode_sensitive_kinds
 
 __all__ = ["eval_overrides", "freeze_report", "summarise"]
 
@@ -36,39 +31,48 @@ def eval_overrides(callbacks: list[object], forced: list[nn.Module]) -> list[str
     ]
 
 
-def freeze_report(guard: FrozenModuleGuard, pl_module: nn.Module, overrides: Sequence[str] = ()) -> str:
+def freeze_report(
+    n_guarded: int,
+    guarded: dict[str, nn.Module],
+    forced_roots: dict[str, nn.Module],
+    forced: list[nn.Module],
+    released: list[str],
+    stats_frozen: int = 0,
+    overrides: Sequence[str] = (),
+) -> str:
     """The freeze report logged when training starts: what is guarded, what is forced to eval, what not.
 
-    ``overrides``: the other callbacks' settings the eval forcing overrides (:func:`eval_overrides`).
+    Args:
+        n_guarded: how many tensors are guarded.
+        guarded: the frozen modules that still hold a guarded tensor, by name.
+        forced_roots: the fully frozen subtrees forced to eval mode, by name.
+        forced: every module in them.
+        released: the tensors released at earlier epochs.
+        stats_frozen: how many ``norm="eval"`` layers have their running statistics guarded.
+        overrides: the other callbacks' settings the eval forcing overrides (:func:`eval_overrides`).
     """
-    names = guard.frozen_tensor_names
     rows = []
-    # roots whose tensors were all released at an earlier epoch are not guarded any more
-    guarded = {n: m for n, m in guard._roots.items() if any(under(t, n) or not n for t in names)}
     for name, module in guarded.items():
         n_params = sum(p.numel() for p in module.parameters())
         n_buffers = sum(b.numel() for b in module.buffers())
         mode = "eval" if not module.training else "train"
         rows.append(f"  {name or '<root>':<32} {type(module).__name__:<24} {n_params:>11,} {n_buffers:>10,}  {mode}")
-    stats_frozen = sum(isinstance(m, StatsFrozenBatchNorm2d) for m in pl_module.modules())
     extra = f"\n  + running stats of {stats_frozen} StatsFrozenBatchNorm2d layers (norm='eval')" if stats_frozen else ""
-    untracked = [
-        m for m in guard._eval.modules if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
-    ]
+    untracked = [m for m in forced if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats]
     if untracked:
         extra += (
             f"\n  note: {len(untracked)} frozen BatchNorm layers have track_running_stats=False (as "
             "BaseFinetuning.freeze(train_bn=False) sets it): in train mode they would normalise with each "
             "batch's statistics; under the guard they run in eval mode with their running statistics."
         )
-    forced = list(guard._eval.roots)
-    shown = ", ".join(forced[:6]) + (" ..." if len(forced) > 6 else "")
+    roots = list(forced_roots)
+    shown = ", ".join(roots[:6]) + (" ..." if len(roots) > 6 else "")
     extra += (
-        f"\n  forced to eval mode: {len(forced)} fully frozen subtrees ({len(guard._eval.modules)} modules)"
-        + (f": {shown}" if forced else "")
+        f"\n  forced to eval mode: {len(roots)} fully frozen subtrees ({len(forced)} modules)"
+        + (f": {shown}" if roots else "")
         + "; the LightningModule and every module with a trainable part follow the Trainer's mode"
     )
-    kinds = mode_sensitive_kinds(guard._eval.modules)
+    kinds = mode_sensitive_kinds(forced)
     if kinds:
         listed = ", ".join(f"{kind} x{count}" for kind, count in sorted(kinds.items()))
         extra += f"\n  layers among them that compute differently in train mode, run in eval in every forward: {listed}"
@@ -78,11 +82,10 @@ def freeze_report(guard: FrozenModuleGuard, pl_module: nn.Module, overrides: Seq
             "(their running statistics would move); inside fully frozen subtrees the guard runs them in eval "
             "mode. Unfreeze (release) the layers that should train, or leave the guard out to keep that setting."
         )
-    if guard._released:
-        released = summarise(list(guard._released))
-        extra += f"\n  not guarded: {len(guard._released)} tensors released at earlier epochs ({released})"
+    if released:
+        extra += f"\n  not guarded: {len(released)} tensors released at earlier epochs ({summarise(released)})"
     return (
-        f"FrozenModuleGuard: guarding {len(names)} frozen tensors in {len(guarded)} modules; "
+        f"FrozenModuleGuard: guarding {n_guarded} frozen tensors in {len(guarded)} modules; "
         f"put them in eval mode at train start (Lightning's eval-mode warning does not apply to these).\n"
         f"  {'module':<32} {'type':<24} {'params':>11} {'buffers':>10}  mode\n" + "\n".join(rows) + extra
     )

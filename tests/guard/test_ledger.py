@@ -6,7 +6,7 @@ from torch import nn
 
 from lightning_frozenbn.guard import Ledger, eval_subtrees, find_frozen_modules, fingerprint
 from lightning_frozenbn.guard.consensus import Consensus
-from lightning_frozenbn.guard.discovery import EvalForcing
+from lightning_frozenbn.guard.eval_mode import EvalForcing
 from lightning_frozenbn.guard.finetuning import split_unfrozen
 
 
