@@ -120,22 +120,26 @@ class Location:
         if not self.remote:
             shutil.rmtree(Path(self.url) / name, ignore_errors=True)
             return
-        bucket, prefix = self._bucket_key(name)
+        bucket, _ = self._bucket_key(name)
         client = self._client()
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+        for page in self._pages(name):
             keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
             if keys:
                 client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+
+    def _pages(self, folder: str) -> Any:
+        """The S3 listing of everything under the sub-folder ``folder``, page by page."""
+        bucket, prefix = self._bucket_key(folder)
+        return self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
 
     def sizes(self, folder: str) -> dict[str, int]:
         """The files directly in the sub-folder ``folder`` and their sizes in bytes (empty if none)."""
         if not self.remote:
             path = Path(self.url) / folder
             return {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()} if path.is_dir() else {}
-        bucket, prefix = self._bucket_key(folder)
-        prefix = prefix.rstrip("/") + "/"
+        prefix = self._bucket_key(folder)[1].rstrip("/") + "/"
         found: dict[str, int] = {}
-        for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in self._pages(folder):
             for obj in page.get("Contents", []):
                 name = obj["Key"][len(prefix) :]
                 if "/" not in name:
@@ -278,42 +282,31 @@ def _detection_item(entry: tuple[int, str, str]) -> dict[str, Any]:
     return {"index": index, "image": _read_bytes(path), "record": record}
 
 
-def _check_images(paths: list[str]) -> None:
-    """Every file opens as an image (its header), checked in this process before anything is written.
+def _header_size(path: str) -> tuple[int, int]:
+    """An image file's (width, height) from its header, or one :class:`DataError` naming the file.
 
-    Why here: a file that cannot be read, or a text file named ``.jpg``, was written into the chunks (or
-    failed in a writer process with litdata's traceback) and broke training later, far from its cause.
+    Read here, in the main process, before anything is written: an error raised in litdata's writer processes
+    left ``optimize`` waiting forever (litdata 0.2.76, fork start), and a file that cannot be read, or a text
+    file named ``.jpg``, was written into the chunks and broke training later, far from its cause.
     """
     from PIL import Image, UnidentifiedImageError
 
-    for path in paths:
-        try:
-            with Image.open(path):  # the header only
-                pass
-        except (OSError, UnidentifiedImageError) as err:
-            raise DataError(
-                f"Cannot read image {path!r}: {err}. Delete or replace this file and rerun; nothing was written."
-            ) from err
+    try:
+        with Image.open(path) as image:  # the header only
+            return image.size
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(
+            f"Cannot read image {path!r}: {err}. Delete or replace this file and rerun; nothing was written."
+        ) from err
 
 
 def _check_sizes(root: Path, images: list[dict[str, Any]]) -> None:
-    """Check each image's header against its COCO entry before anything is written.
-
-    Here and not in litdata's writers: an error raised in a writer process left ``optimize`` waiting
-    forever (litdata 0.2.76, fork start).
-    """
-    from PIL import Image, UnidentifiedImageError
-
+    """Check each image's header against its COCO entry before anything is written."""
     from lightning_frozenbn.coco import check_listed_size
 
     for info in images:
         file = str(root / info["file_name"])
-        try:
-            with Image.open(file) as image:  # the header only
-                size = image.size
-        except (OSError, UnidentifiedImageError) as err:
-            raise DataError(f"Cannot read image {file!r}: {err}. Delete or replace this file and rerun.") from err
-        check_listed_size(file, info, *size)
+        check_listed_size(file, info, *_header_size(file))
 
 
 def _fingerprint(entries: list) -> str:
@@ -349,7 +342,8 @@ def _describe(data: pl.LightningDataModule, splits: list[str] | None) -> tuple[d
             entries[split] = [
                 (i, path, label, str(Path(path).relative_to(root))) for i, (path, label) in enumerate(dataset.samples)
             ]
-            _check_images([path for path, _ in dataset.samples])
+            for path, _ in dataset.samples:
+                _header_size(path)
         # the source's augmentation settings: a streaming module left at None uses them (DigitsDataModule's
         # min_scale 0.6 and no flips are not ImageFolderDataModule's defaults)
         augment = {"min_scale": data.min_scale, "hflip": data.hflip}

@@ -135,7 +135,8 @@ class FrozenModuleGuard(Callback):
             )
         # fail fast on bad `modules` names, before any work; a name the model does not hold yet may be built by
         # its configure_model (Lightning calls it after setup): checked at on_fit_start then
-        missing = [n for n in self.modules or [] if n not in dict(pl_module.named_modules())]
+        present = {name for name, _ in pl_module.named_modules()}
+        missing = [n for n in self.modules or [] if n not in present]
         if not (missing and defines_configure_model(pl_module)):
             self._resolve(pl_module)
         self._trainer = trainer
@@ -280,6 +281,7 @@ class FrozenModuleGuard(Callback):
         local = (problems or []) + self._ledger.changes(releasing)
         ranks = self._consensus(trainer).local() if local_only else self._consensus(trainer)
         diverged: list[str] = []
+        diverged_trainable: list[str] = []
         trainable: dict[str, Tensor] = {}
         if ranks.world_size > 1 and self.check_ranks:
             ranks.check_same_names(self._ledger.names, "guarded")  # same shapes for the reductions
@@ -289,10 +291,9 @@ class FrozenModuleGuard(Callback):
             trainable = {n: p for n, p in trainer.lightning_module.named_parameters() if p.requires_grad}
             ranks.check_same_names(list(trainable), "trainable")
             diverged_trainable = ranks.diverged(list(trainable), fingerprint(list(trainable.values())), "trainable")
-            diverged += diverged_trainable
         if not local_only:
             self._warn_late_frozen(trainer.lightning_module)
-        if ranks.all_agree(not local) and not diverged:
+        if ranks.all_agree(not local) and not diverged and not diverged_trainable:
             if epoch_end:
                 self._epochs_verified += 1
             ranks_word = f"{'each of' if local_only else 'all'} {trainer.world_size} ranks"
@@ -304,13 +305,14 @@ class FrozenModuleGuard(Callback):
             return
         reports = ranks.gather_objects((trainer.global_rank, local))
         lines = [f"  rank {r}: {line}" for r, rank_lines in reports for line in rank_lines]
-        only_trainable = not any(lines) and all("trainable" in d for d in diverged)
+        only_trainable = not lines and not diverged
         what = "the ranks hold different trainable parameters" if only_trainable else "the frozen state changed"
         message = f"FrozenModuleGuard: {what} at {when}:\n" + "\n".join(
-            lines + [f"  {d}" for d in diverged] + hints(trainer, lines)
+            lines + [f"  {d}" for d in diverged + diverged_trainable] + hints(trainer, lines)
         )
-        restore_trainable = list(trainable.values()) if any("trainable" in d for d in diverged) else []
-        apply_policy(self.on_violation, self._ledger, ranks, message, diverged, unrecoverable or [], restore_trainable)
+        restore_trainable = list(trainable.values()) if diverged_trainable else []
+        unrecoverable = unrecoverable or []
+        apply_policy(self.on_violation, self._ledger, ranks, message, diverged, unrecoverable, restore_trainable)
 
     def _warn_late_frozen(self, pl_module: nn.Module) -> None:
         """One warning per module frozen after training started without :meth:`protect` (automatic mode)."""

@@ -88,7 +88,7 @@ def apply_policy(
             + "\n  ".join(unrestorable)
         )
     ledger.restore()
-    if diverged:
+    if diverged or trainable:  # the frozen or the trainable tensors differ across ranks: rank 0's for all
         ranks.broadcast_from_zero(ledger.live() + list(trainable))
         ledger.adopt_live_as_reference()
     left = ledger.changes()
