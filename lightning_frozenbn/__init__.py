@@ -3,10 +3,16 @@
 from lightning_frozenbn.backbone import ARCHS, NORMS, ResNetBackbone, ResNetHead, build_resnet
 from lightning_frozenbn.checkpoint import AtomicCheckpointIO, ResumableCheckpoint
 from lightning_frozenbn.classifier import FrozenBNClassifier
-from lightning_frozenbn.coco import CocoDetectionDataModule
-from lightning_frozenbn.data import ImageFolderDataModule
+from lightning_frozenbn.data import (
+    CocoDetectionDataModule,
+    DigitsDataModule,
+    DigitsDetectionDataModule,
+    ImageFolderDataModule,
+    LabelledDataModule,
+    StreamingCocoDataModule,
+    StreamingImageDataModule,
+)
 from lightning_frozenbn.detection import FrozenBNDetector
-from lightning_frozenbn.digits import DigitsDataModule, DigitsDetectionDataModule
 from lightning_frozenbn.ema import FrozenEMA
 from lightning_frozenbn.epilogue import fuse_epilogues
 from lightning_frozenbn.errors import (
@@ -30,7 +36,6 @@ from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
 from lightning_frozenbn.module import FrozenBNModule
 from lightning_frozenbn.norm import StatsFrozenBatchNorm2d, calibrate_bn, convert_frozen_batchnorm, to_batchnorm
 from lightning_frozenbn.parser import ConciseErrorsParser
-from lightning_frozenbn.streaming import StreamingCocoDataModule, StreamingImageDataModule
 from lightning_frozenbn.writers import CocoResultsWriter, PredictionWriter
 
 __version__ = "0.1.0"
@@ -58,6 +63,7 @@ __all__ = [
     "GuardConfigError",
     "ImageFolderDataModule",
     "InputError",
+    "LabelledDataModule",
     "PredictionWriter",
     "ResNetBackbone",
     "ResNetHead",

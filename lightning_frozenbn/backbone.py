@@ -19,8 +19,14 @@ from lightning_frozenbn.errors import WeightsDownloadError, WeightsMismatchError
 from lightning_frozenbn.fold import fold_frozen_batchnorm
 from lightning_frozenbn.norm import StatsFrozenBatchNorm2d, convert_frozen_batchnorm
 
+# The statistics every torchvision ImageNet weight was trained with: inputs are normalised by them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 __all__ = [
     "ARCHS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "NORMS",
     "ResNetBackbone",
     "ResNetHead",

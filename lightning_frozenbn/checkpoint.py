@@ -17,10 +17,19 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from lightning_frozenbn.data.contract import LabelledDataModule
 from lightning_frozenbn.errors import CheckpointError
 from lightning_frozenbn.files import write_atomically
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "ResumableCheckpoint", "check_checkpoint_kind", "saved_model_class"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "ResumableCheckpoint",
+    "check_checkpoint_kind",
+    "read_record",
+    "saved_model_class",
+    "write_record",
+]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -229,3 +238,74 @@ def check_checkpoint_kind(saved: str | None, model_class: type, source: str) -> 
         f"{source} is a checkpoint of {name}, not of {family.__name__}: this cannot resume or evaluate it. {use} "
         "start from its backbone and head, pass it as `model.init_args.weights` instead of --ckpt_path."
     )
+
+
+# ---- the checkpoint record: what a checkpoint carries besides the state, written and read side by side --------
+def write_record(checkpoint: dict[str, Any], datamodule: Any) -> None:
+    """Record the label set and the initial weights beside the state (called by the module's ``on_save_checkpoint``).
+
+    The class names (and detection's category ids) come from the data module's contract
+    (:class:`~lightning_frozenbn.data.contract.LabelledDataModule`), so that ``predict`` on another
+    machine names classes without the training data. The trained state is in the state dict, so the saved
+    hyperparameters say ``weights: None``: ``load_from_checkpoint`` and the CLI's ``--ckpt_path`` rebuild
+    the model without reading (or downloading) the initial weights, which an offline node may not have;
+    they stay recorded under ``initial_weights``. :func:`read_record` reads all of it back.
+    """
+    if isinstance(datamodule, LabelledDataModule):
+        try:
+            names, ids = datamodule.classes, datamodule.category_ids
+        except (RuntimeError, ValueError):  # a data module that cannot tell (DataError is a ValueError)
+            names, ids = None, None
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            checkpoint["class_names"] = list(names)
+        if isinstance(ids, (list, tuple)) and all(isinstance(i, int) for i in ids):
+            checkpoint["category_ids"] = list(ids)
+    hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, dict) and hparams.get("weights") is not None:
+        checkpoint["initial_weights"] = hparams["weights"]
+        hparams["weights"] = None
+
+
+def read_record(path: str | Path | None, must_exist: bool = False) -> dict[str, Any]:
+    """The record :func:`write_record` kept beside the state, and the run's place: class path, CSV version, step.
+
+    One memory-mapped read; None for each when there is no checkpoint file ("last" of a new run directory)
+    or it predates these entries: the data folders and the config decide then. A local file that cannot
+    be read, or is missing while ``must_exist``, raises :class:`CheckpointError` (naming it and the
+    checkpoints beside it) before anything of the run is created.
+    """
+    import torch
+
+    extras: dict[str, Any] = {
+        "class_names": None,
+        "category_ids": None,
+        "initial_weights": None,
+        "class_path": None,
+        "csv_version": None,
+        "epoch": None,
+        "global_step": None,
+    }
+    if not path or not _is_local_file_protocol(path):
+        return extras
+    if not Path(path).is_file():
+        if must_exist:
+            AtomicCheckpointIO().load_checkpoint(path)  # raises: does not exist, and which files are there
+        return extras
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        AtomicCheckpointIO().load_checkpoint(path)  # raises CheckpointError: truncated, corrupt or unsafe
+        return extras  # readable, only not memory-mapped (a legacy non-zip file): nothing recorded to use
+    names, weights = checkpoint.get("class_names"), checkpoint.get("initial_weights")
+    extras["class_names"] = list(names) if isinstance(names, (list, tuple)) else None
+    extras["initial_weights"] = weights if isinstance(weights, str) else None
+    ids = checkpoint.get("category_ids")
+    extras["category_ids"] = [int(i) for i in ids] if isinstance(ids, (list, tuple)) else None
+    extras["class_path"] = saved_model_class(checkpoint)
+    for key in ("epoch", "global_step"):
+        extras[key] = checkpoint.get(key) if isinstance(checkpoint.get(key), int) else None
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if str(key).startswith("ResumableCheckpoint") and isinstance(state, dict):
+            version = state.get("csv_version")
+            extras["csv_version"] = version if isinstance(version, (int, str)) else None
+    return extras

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from jsonargparse import lazy_instance
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -19,15 +18,9 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_frozenbn.backbone import eval_resize_for
-from lightning_frozenbn.checkpoint import (
-    AtomicCheckpointIO,
-    ResumableCheckpoint,
-    check_checkpoint_kind,
-    saved_model_class,
-)
+from lightning_frozenbn.checkpoint import AtomicCheckpointIO, ResumableCheckpoint, check_checkpoint_kind, read_record
 from lightning_frozenbn.classifier import FrozenBNClassifier
-from lightning_frozenbn.coco import CocoDetectionDataModule
-from lightning_frozenbn.data import ImageFolderDataModule
+from lightning_frozenbn.data import LabelledDataModule
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.errors import FrozenStateViolation, InputError
 from lightning_frozenbn.guard import FrozenModuleGuard
@@ -42,13 +35,11 @@ USER_ERRORS = (InputError, FileNotFoundError, FrozenStateViolation, FloatingPoin
 
 
 class _CommandsParser(ConciseErrorsParser):
-    """The commands' parser: a model or data class of the other command is refused with that command's name."""
+    """The commands' parser: a model class of the other command is refused with that command's name."""
 
     other_commands: ClassVar[dict[str, str]] = {
         "lightning_frozenbn.FrozenBNDetector": "lightning-frozenbn-detect",
-        "lightning_frozenbn.CocoDetectionDataModule": "lightning-frozenbn-detect",
         "lightning_frozenbn.FrozenBNClassifier": "lightning-frozenbn",
-        "lightning_frozenbn.ImageFolderDataModule": "lightning-frozenbn",
     }
 
 
@@ -72,7 +63,8 @@ class FrozenBNCLI(LightningCLI):
     """
 
     default_model: type = FrozenBNClassifier
-    default_data: type = ImageFolderDataModule
+    default_data: type = LabelledDataModule  # folders, chunks, or a user's own data module (the contract)
+    task: ClassVar[str] = "classification"  # the data this command trains on (LabelledDataModule.task)
     checkpoint_defaults: dict[str, Any] = {
         "checkpoint.monitor": "val/acc",
         "checkpoint.mode": "max",
@@ -125,7 +117,7 @@ class FrozenBNCLI(LightningCLI):
         # read once, reused before instantiation; a named file that is missing or unreadable is refused now,
         # before the run creates its logger version (`last` on a fresh run directory starts from scratch)
         named = path is not None and config.get("ckpt_path") not in ("last", "best", "hpc")
-        self._saved = saved = _checkpoint_extras(path, must_exist=named and not str(path).startswith("registry"))
+        self._saved = saved = read_record(path, must_exist=named and not str(path).startswith("registry"))
         self._saved_in = os.path.realpath(os.path.dirname(os.path.expanduser(str(path)))) if path else None
         check_checkpoint_kind(saved["class_path"], self.model_class, str(config.get("ckpt_path")))
         given = _run_settings_given(config.get("model"), self.model_class)
@@ -149,13 +141,20 @@ class FrozenBNCLI(LightningCLI):
         given = config.get("model", {}).get("init_args", {}).get("num_classes")
         self._checkpoint_num_classes = given if config.get("ckpt_path") else None
         data_args = config.get("data", {}).get("init_args")
-        saved = getattr(self, "_saved", None) or _checkpoint_extras(config.get("ckpt_path"))
-        if data_args is not None and "class_names" in data_args and data_args.get("class_names") is None:
-            data_args["class_names"] = saved["class_names"]  # the checkpoint knows them: no training data needed
-        if data_args is not None and "categories" in data_args and data_args.get("categories") is None:
-            names, ids = saved["class_names"], saved["category_ids"]  # the detector's label set, likewise
-            if names and ids and len(names) == len(ids):
-                data_args["categories"] = [{"id": i, "name": n} for i, n in zip(ids, names)]
+        saved = getattr(self, "_saved", None) or read_record(config.get("ckpt_path"))
+        data_class = _data_class(config.get("data"))
+        if data_class is not None and data_class.task != self.task:
+            command = {"classification": "lightning-frozenbn", "detection": "lightning-frozenbn-detect"}[
+                data_class.task
+            ]
+            self.parser.error(
+                f"data: {data_class.__name__} holds {data_class.task} data: it is for the `{command}` command, not "
+                f"`{self.parser.prog.split()[0]}`. Run `{command} fit --config ...` with this config."
+            )
+        argument = data_class.label_set_argument if data_class is not None else None
+        if data_args is not None and argument in data_args and data_args.get(argument) is None:
+            # the checkpoint knows the label set: predicting on new images needs no training data
+            data_args[argument] = data_class.label_set_from_record(saved["class_names"], saved["category_ids"])
         model_args = config.get("model", {}).get("init_args", {})
         if data_args is not None and "eval_resize" in data_args and data_args.get("eval_resize") is None:
             # evaluate as the weights were evaluated: IMAGENET1K_V2 wants resize 232 for a 224 crop, not 256
@@ -185,7 +184,7 @@ class FrozenBNCLI(LightningCLI):
         """A checkpoint trained on another number of classes than the data has is a clear error."""
         expected = getattr(self, "_checkpoint_num_classes", None)
         if expected is not None and expected != self.datamodule.num_classes:
-            where = getattr(self.datamodule, "root", None) or self.datamodule.paths["train"][1]
+            where = self.datamodule.source if isinstance(self.datamodule, LabelledDataModule) else "the data module"
             self.parser.error(
                 f"The checkpoint was trained with num_classes={expected}, but the data at "
                 f"{str(where)!r} has {self.datamodule.num_classes} classes. Use a checkpoint "
@@ -315,54 +314,6 @@ def _run_settings_given(model: Any, default_class: type) -> dict[str, Any]:
     }
 
 
-def _checkpoint_extras(path: str | Path | None, must_exist: bool = False) -> dict[str, Any]:
-    """What FrozenBNClassifier.on_save_checkpoint records beside the state: class names, initial weights.
-
-    One memory-mapped read; None for each when there is no checkpoint file ("last" of a new run directory)
-    or it predates these entries: the data folders and the config decide then. A local file that cannot
-    be read, or is missing while ``must_exist``, raises :class:`CheckpointError` (naming it and the
-    checkpoints beside it) before anything of the run is created.
-    """
-    import torch
-
-    extras: dict[str, Any] = {
-        "class_names": None,
-        "category_ids": None,
-        "initial_weights": None,
-        "class_path": None,
-        "csv_version": None,
-        "epoch": None,
-        "global_step": None,
-    }
-    if not path or not _is_local_file_protocol(path):
-        return extras
-    if not Path(path).is_file():
-        if must_exist:
-            AtomicCheckpointIO().load_checkpoint(path)  # raises: does not exist, and which files are there
-        return extras
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        AtomicCheckpointIO().load_checkpoint(path)  # raises CheckpointError: truncated, corrupt or unsafe
-        return extras  # readable, only not memory-mapped (a legacy non-zip file): nothing recorded to use
-    names, weights = checkpoint.get("class_names"), checkpoint.get("initial_weights")
-    extras["class_names"] = list(names) if isinstance(names, (list, tuple)) else None
-    extras["initial_weights"] = weights if isinstance(weights, str) else None
-    ids = checkpoint.get("category_ids")
-    extras["category_ids"] = [int(i) for i in ids] if isinstance(ids, (list, tuple)) else None
-    extras["class_path"] = saved_model_class(checkpoint)
-    for key in ("epoch", "global_step"):
-        extras[key] = checkpoint.get(key) if isinstance(checkpoint.get(key), int) else None
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if str(key).startswith("ResumableCheckpoint") and isinstance(state, dict):
-            version = state.get("csv_version")
-            extras["csv_version"] = version if isinstance(version, (int, str)) else None
-    return extras
-
-
-_RUN_LOGGERS = {f"{c.__module__}.{c.__name__}" for c in (RunCSVLogger, RunTensorBoardLogger)}
-
-
 def _default_loggers() -> list[dict[str, str]]:
     """CSV always, TensorBoard when installed (decided when the parser is built, so the defaults say it)."""
     loggers = [{"class_path": f"{RunCSVLogger.__module__}.{RunCSVLogger.__name__}"}]
@@ -401,13 +352,23 @@ class DetectionCLI(FrozenBNCLI):
     """
 
     default_model = FrozenBNDetector
-    default_data = CocoDetectionDataModule
+    task = "detection"
     checkpoint_defaults = {
         **FrozenBNCLI.checkpoint_defaults,
         "checkpoint.monitor": "val/map",
         "checkpoint.filename": "best-epoch{epoch:02d}-map{val/map:.4f}",
     }
     prediction_writer = CocoResultsWriter
+
+
+_RUN_LOGGERS = {f"{c.__module__}.{c.__name__}" for c in (RunCSVLogger, RunTensorBoardLogger)}
+
+
+def _data_class(data: Any) -> type[LabelledDataModule] | None:
+    """The data module class a config names, when it implements the contract (else None: nothing is filled in)."""
+    path = data.get("class_path") if hasattr(data, "get") else None
+    found = pydoc.locate(path) if isinstance(path, str) else None
+    return found if isinstance(found, type) and issubclass(found, LabelledDataModule) else None
 
 
 def _destroy_process_group() -> None:

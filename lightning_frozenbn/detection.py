@@ -19,8 +19,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
-from lightning_frozenbn.backbone import Norm
-from lightning_frozenbn.data import IMAGENET_MEAN, IMAGENET_STD
+from lightning_frozenbn.backbone import IMAGENET_MEAN, IMAGENET_STD, Norm
 from lightning_frozenbn.metrics import OncePerImageMAP
 from lightning_frozenbn.module import FrozenBNModule, default_optimizer
 

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_frozenbn.backbone import Norm, build_resnet
-from lightning_frozenbn.checkpoint import check_checkpoint_kind, saved_model_class
+from lightning_frozenbn.checkpoint import check_checkpoint_kind, saved_model_class, write_record
 from lightning_frozenbn.fold import fold_frozen_batchnorm
 from lightning_frozenbn.norm import calibrate_bn
 from lightning_frozenbn.seeding import seed_step
@@ -222,30 +222,14 @@ class FrozenBNModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Make the checkpoint self-contained; never save weights a not-yet-checked bad step produced.
 
-        The trained state is in the state dict, so the saved hyperparameters say ``weights: None``:
-        ``load_from_checkpoint`` and the CLI's ``--ckpt_path`` rebuild the model without reading (or
-        downloading) the initial weights, which an offline node or another machine may not have. The
-        initial weights stay recorded under ``checkpoint["initial_weights"]``.
+        The label set and the initial weights are recorded beside the state
+        (:func:`~lightning_frozenbn.checkpoint.write_record`), so the checkpoint alone rebuilds the model
+        and names its classes, offline and without the training data.
         """
         self._check_deferred_finite()
         if self._step_seed_base is not None:
             checkpoint["step_seed_base"] = self._step_seed_base
-        try:  # the class names, so that `predict` elsewhere writes names (see ImageFolderDataModule.class_names)
-            names = getattr(self.trainer.datamodule, "classes", None)
-        except (RuntimeError, ValueError):  # no trainer / a data module that cannot tell
-            names = None
-        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
-            checkpoint["class_names"] = list(names)
-        try:  # COCO category ids of the labels (detection): predict on new images writes the dataset's ids
-            ids = getattr(self.trainer.datamodule, "category_ids", None)
-        except (RuntimeError, ValueError):
-            ids = None
-        if isinstance(ids, (list, tuple)) and all(isinstance(i, int) for i in ids):
-            checkpoint["category_ids"] = list(ids)
-        hparams = checkpoint.get("hyper_parameters")
-        if isinstance(hparams, dict) and hparams.get("weights") is not None:
-            checkpoint["initial_weights"] = hparams["weights"]
-            hparams["weights"] = None
+        write_record(checkpoint, self.trainer.datamodule if self._trainer is not None else None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of the other kind of model; say which file and epoch a run resumes from."""

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from lightning_frozenbn.data.contract import LabelledDataModule
 from lightning_frozenbn.files import write_atomically
 
 __all__ = ["CocoResultsWriter", "PredictionWriter", "gather_to_rank_zero"]
@@ -51,17 +52,16 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
-        """Map each prediction back to its file through the dataset's sample list."""
-        loader = trainer.predict_dataloaders
-        dataset = (loader[0] if isinstance(loader, list) else loader).dataset
+        """Map each prediction back to its file and class name (the data module's contract, else the dataset's)."""
+        files, classes = _names(trainer)
         preds = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
         rows: dict[int, tuple[str, str, str]] = {}
         for probs, batch_idx in zip(preds, indices):
             confidence, label = probs.float().max(dim=-1)
             for i, c, p in zip(batch_idx, label.tolist(), confidence.tolist()):
-                file = dataset.samples[i][0] if hasattr(dataset, "samples") else str(i)
-                name = dataset.classes[c] if hasattr(dataset, "classes") else str(c)
+                file = files[i] if files is not None else str(i)
+                name = classes[c] if classes is not None else str(c)
                 rows[int(i)] = (file, name, f"{p:.6f}")
         rows = gather_to_rank_zero(trainer, rows)
         if trainer.global_rank != 0:
@@ -95,10 +95,10 @@ class CocoResultsWriter(BasePredictionWriter):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
         """Map labels back to COCO category ids (and images to files) and write the file."""
-        category_ids = getattr(trainer.datamodule, "category_ids", None)
-        names = getattr(trainer.datamodule, "classes", None)
-        loader = trainer.predict_dataloaders
-        files = getattr((loader[0] if isinstance(loader, list) else loader).dataset, "files", None)
+        data = trainer.datamodule if isinstance(trainer.datamodule, LabelledDataModule) else None
+        category_ids = data.category_ids if data is not None else None
+        names = data.classes if data is not None else None
+        files = data.prediction_names() if data is not None else None
         preds = predictions[0] if _nested(predictions) else predictions
         indices = batch_indices[0] if _nested(batch_indices) else batch_indices
         by_image: dict[int | str, list[dict[str, Any]]] = {}
@@ -130,6 +130,21 @@ class CocoResultsWriter(BasePredictionWriter):
                 f"No region scored above box_score_thresh={thresh}: lower it with "
                 "--model.init_args.box_score_thresh (e.g. 0.01) to see the model's best guesses."
             )
+
+
+def _names(trainer: pl.Trainer) -> tuple[list[str] | None, list[str] | None]:
+    """Each predicted sample's name and the class names, or None for either (then indices are written).
+
+    From a :class:`LabelledDataModule`; else from the predict dataset as torchvision's ImageFolder has
+    them (``samples``, ``classes``), so the writer serves any Lightning project.
+    """
+    data = trainer.datamodule
+    if isinstance(data, LabelledDataModule):
+        return data.prediction_names(), list(data.classes)
+    loader = trainer.predict_dataloaders
+    dataset = getattr(loader[0] if isinstance(loader, list) else loader, "dataset", None)
+    samples, classes = getattr(dataset, "samples", None), getattr(dataset, "classes", None)
+    return ([str(s[0]) for s in samples] if samples is not None else None), classes
 
 
 def _nested(values: Any) -> bool:

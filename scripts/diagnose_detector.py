@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from lightning_frozenbn import DigitsDetectionDataModule, FrozenBNClassifier, FrozenBNDetector, calibrate_bn
-from lightning_frozenbn.data import IMAGENET_MEAN, IMAGENET_STD
+from lightning_frozenbn.backbone import IMAGENET_MEAN, IMAGENET_STD
 
 
 def regions(det, images, boxes):

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_frozenbn import FrozenBNClassifier, build_resnet
-from lightning_frozenbn.data import IMAGENET_MEAN, IMAGENET_STD
+from lightning_frozenbn.backbone import IMAGENET_MEAN, IMAGENET_STD
 
 POLICIES = ("frozen", "eval", "train")
 

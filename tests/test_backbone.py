@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torchvision
-from conftest import randomize_bn, write_evil_pickle
+from helpers import randomize_bn, write_evil_pickle
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 

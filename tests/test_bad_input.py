@@ -56,12 +56,13 @@ import shutil
 import pytest
 import torch
 import torchvision
-from conftest import write_evil_pickle
+from helpers import (
+    ROOT,  # noqa: E402
+    write_evil_pickle,
+)
 from PIL import Image
 
 from lightning_frozenbn.cli import main
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,11 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-sys.path.insert(0, str(ROOT / "scripts"))  # the benchmark's sections: scripts/bench/
-
 from bench.saved import saved_bytes  # noqa: E402
+from helpers import ROOT  # noqa: E402
 
 
 def test_saved_bytes_figure_quoted_in_the_readme():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_evil_pickle
+from helpers import write_evil_pickle
 
 from lightning_frozenbn import AtomicCheckpointIO, CheckpointError
 
@@ -78,7 +78,7 @@ def test_weights_only_false_is_refused_not_ignored(tmp_path):
 
 def fit_three_epochs(tmp_path, model, ckpt):
     """Three epochs of 4 steps on tiny data, validated after each, with ``ckpt`` the only checkpoint callback."""
-    from conftest import tiny_loader
+    from helpers import tiny_loader
     from lightning.pytorch import Trainer
 
     Trainer(
@@ -131,3 +131,75 @@ def test_with_every_n_train_steps_a_best_checkpoint_holds_the_model_its_score_wa
     for name, score in saved.items():
         assert torch.load(tmp_path / name, weights_only=True)["global_step"] == score, name
     assert torch.load(ckpt.last_model_path, weights_only=True)["global_step"] == 12
+
+
+# ---- what earlier versions wrote keeps working -----------------------------------------------------------
+# Written by the quickstart and detection quickstart at 5fa12b9 (before the data wing became a package): each
+# run's config.yaml, and each last.ckpt without its tensors (the state is rebuilt from the recorded
+# hyperparameters, so the fixtures stay small; everything else is byte for byte what that version saved).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "written_by_5fa12b9"
+
+
+def _old(name, tmp_path):
+    text = (FIXTURES / name).read_text().replace("/tmp/fx", str(tmp_path))
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+def _old_checkpoint(name, model_class, tmp_path):
+    saved = torch.load(FIXTURES / name, weights_only=True)
+    hparams = {k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")}
+    saved["state_dict"] = model_class(**hparams).state_dict()
+    path = tmp_path / "old-last.ckpt"
+    torch.save(saved, path)
+    return path
+
+
+def _new_images(folder, n=3, size=40):
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (size, size), (40 * i, 200, 30)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_a_run_config_written_by_an_earlier_version_still_fits(tmp_path):
+    from lightning_frozenbn.cli import main
+
+    config = _old("quickstart-config.yaml", tmp_path)
+    main(["fit", "--config", config, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+          "--trainer.limit_val_batches", "1", "--data.init_args.num_workers", "0"])  # fmt: skip
+    assert (tmp_path / "runs" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["quickstart", "detection"])
+def test_a_checkpoint_written_by_an_earlier_version_predicts_with_the_label_set_it_recorded(kind, tmp_path):
+    import csv
+    import json
+
+    from lightning_frozenbn import FrozenBNClassifier, FrozenBNDetector
+    from lightning_frozenbn.checkpoint import read_record
+    from lightning_frozenbn.cli import detect_main, main
+
+    model_class, run = (FrozenBNClassifier, main) if kind == "quickstart" else (FrozenBNDetector, detect_main)
+    ckpt = _old_checkpoint(f"{kind}-last-without-tensors.pt", model_class, tmp_path)
+    record = read_record(ckpt)
+    digits = [str(d) for d in range(10)]
+    assert record["class_names"] == digits and record["epoch"] == 0 and record["csv_version"] == 0
+    assert record["category_ids"] == (None if kind == "quickstart" else list(range(1, 11)))
+    out = tmp_path / ("pred.csv" if kind == "quickstart" else "det.json")
+    every_box = [] if kind == "quickstart" else ["--model.init_args.box_score_thresh", "0.0"]  # rows to check
+    run(["predict", "--config", _old(f"{kind}-config.yaml", tmp_path), "--ckpt_path", str(ckpt), *every_box,
+         "--data.init_args.predict_root", str(_new_images(tmp_path / "new")), "--data.init_args.num_workers", "0",
+         "--prediction_writer.output", str(out), "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    if kind == "quickstart":
+        rows = list(csv.DictReader(out.open()))
+        assert [Path(r["file"]).name for r in rows] == ["0.png", "1.png", "2.png"]
+        assert {r["predicted_class"] for r in rows} <= set(digits)
+    else:  # detections name the recorded category ids (and names) of each file, if any scored
+        rows = json.loads(out.read_text())
+        assert {Path(r["file"]).name for r in rows} == {"0.png", "1.png", "2.png"}
+        assert all(r["category_id"] in range(1, 11) and r["category"] == str(r["category_id"] - 1) for r in rows)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from helpers import ROOT
 
 from lightning_frozenbn import FrozenBNClassifier
 from lightning_frozenbn.cli import detect_main, main
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 OVERLAYS = {"ddp.yaml", "multinode.yaml", "reduce_on_plateau.yaml", "ema.yaml", "streaming.yaml"}
 DETECTION = {"detection_quickstart.yaml", "fasterrcnn_c4_finetune.yaml"}  # read by lightning-frozenbn-detect

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quiet_trainer, randomize_bn
+from helpers import ROOT, quiet_trainer, randomize_bn
 from pycocotools.coco import COCO
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -24,9 +24,8 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from lightning_frozenbn import FrozenBNDetector, FrozenModuleGuard, find_frozen_modules, fold_frozen_batchnorm
 from lightning_frozenbn.cli import DetectionCLI
-from lightning_frozenbn.coco import collate_detection
+from lightning_frozenbn.data.coco import collate_detection
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(
     arch="resnet18",
     min_size=64,
@@ -404,7 +403,7 @@ def test_run_settings_given_to_a_checkpoint_command_beat_the_checkpoints(tiny_fi
 def test_predict_on_new_images_names_each_file_with_the_checkpoints_categories(tiny_fit, capsys):
     """No annotation file at predict time: the categories come from the checkpoint, rows name the files (in
     path order, hidden files skipped), and each file's detections are what the model finds on that file."""
-    from lightning_frozenbn.decode import decode_file
+    from lightning_frozenbn.data.decode import decode_file
 
     folder, ckpt = tiny_fit
     new = folder / "new_images"

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import quiet_trainer, randomize_bn, tiny_loader
+from helpers import quiet_trainer, randomize_bn, tiny_loader
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
 from lightning_frozenbn import FrozenBNClassifier, FrozenEMA, FrozenModuleGuard

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import randomize_bn
+from helpers import randomize_bn
 from torch import nn
 
 from lightning_frozenbn import build_resnet, fold_frozen_batchnorm, fuse_epilogues, to_batchnorm

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torchvision
-from conftest import randomize_bn, requires_gpu
+from helpers import randomize_bn, requires_gpu
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 

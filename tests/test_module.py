@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torchvision
-from conftest import DDP_IN_PYTEST, quiet_trainer, randomize_bn, requires_gpu, tiny_loader
+from helpers import DDP_IN_PYTEST, quiet_trainer, randomize_bn, requires_gpu, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 

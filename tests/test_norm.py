@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_bn
+from helpers import randomize_bn
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 

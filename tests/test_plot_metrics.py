@@ -1,16 +1,15 @@
 import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "plot_metrics.py"
 spec = importlib.util.spec_from_file_location("plot_metrics", SCRIPT)
 plot_metrics = importlib.util.module_from_spec(spec)

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import DDP_IN_PYTEST, quiet_trainer, randomize_bn, tiny_loader
+from helpers import DDP_IN_PYTEST, ROOT, quiet_trainer, randomize_bn, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.multiprocessing import ProcessRaisedException
 
 from lightning_frozenbn import FrozenBNClassifier, FrozenModuleGuard
 from lightning_frozenbn.guard import fingerprint
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 

@@ -30,6 +30,11 @@ class Consensus:
     def _distributed(self) -> bool:
         return self.world_size > 1 and dist.is_available() and dist.is_initialized()
 
+    @classmethod
+    def of(cls, trainer: Any) -> Consensus:
+        """The consensus of ``trainer``'s ranks."""
+        return cls(trainer.strategy, trainer.global_rank, trainer.world_size)
+
     def all_agree(self, ok: bool) -> bool:
         """Whether ``ok`` holds on every rank."""
         if self.world_size <= 1:

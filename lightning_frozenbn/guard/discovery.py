@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import difflib
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lightning_frozenbn.errors import GuardConfigError
+from lightning_frozenbn.guard.report import late_frozen_warning
 
 __all__ = [
+    "LateFrozen",
     "defines_configure_model",
     "eval_subtrees",
     "find_frozen_modules",
+    "guarded_roots",
     "is_frozen_norm",
     "named_frozen_module",
     "under",
@@ -139,3 +143,33 @@ def eval_subtrees(model: nn.Module, guarded: set[str]) -> dict[str, nn.Module]:
         if name and fully.get(name) and not any(under(name, f) for f in found):
             found[name] = module
     return found
+
+
+def guarded_roots(model: nn.Module, modules: list[str] | None, protected: list[str]) -> dict[str, nn.Module]:
+    """The modules to guard: ``modules`` by name (checked), else those :func:`find_frozen_modules` finds.
+
+    Plus each module ``protect()`` named that none of them contains.
+    """
+    found = (
+        find_frozen_modules(model)
+        if modules is None
+        else {name: named_frozen_module(model, name, "modules=...") for name in modules}
+    )
+    for name in protected:
+        if not any(under(name, n) for n in found):
+            found[name] = named_frozen_module(model, name, "protect(...)")
+    return found
+
+
+class LateFrozen:
+    """Warns once per module frozen after training started that nothing guards (automatic mode)."""
+
+    def __init__(self) -> None:
+        self.warned: set[str] = set()
+
+    def warn(self, model: nn.Module, guarded: list[str], released: list[str]) -> None:
+        """One warning naming the modules frozen since the last check, and how to guard them."""
+        late = [n for n in unguarded_frozen(model, set(guarded), set(released)) if n not in self.warned]
+        if late:
+            self.warned.update(late)
+            rank_zero_warn(late_frozen_warning(late))

@@ -1,16 +1,19 @@
-"""Cooperation with Lightning's BaseFinetuning: which unfrozen tensors are released and which stay held."""
+"""Releases of guarded tensors (BaseFinetuning's and ``guard.release``'s): which are released, which stay held."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_frozenbn.errors import GuardConfigError
+from lightning_frozenbn.guard.discovery import under
 from lightning_frozenbn.guard.ledger import Ledger
 from lightning_frozenbn.guard.namespaces import BASE_FINETUNING
 
-__all__ = ["FinetuningWatch", "frozen_again", "split_unfrozen"]
+__all__ = ["FinetuningWatch", "frozen_again", "select_release", "split_unfrozen", "train_released_again"]
 
 
 def split_unfrozen(ledger: Ledger, optimizers: list[Any]) -> tuple[list[str], list[str]]:
@@ -25,6 +28,35 @@ def split_unfrozen(ledger: Ledger, optimizers: list[Any]) -> tuple[list[str], li
     released = [n for n in switched if id(ledger.records[n].live) in in_optimizer]
     held = [n for n in switched if n not in released]
     return released + ledger.buffers_of_released_owners(set(released)), held
+
+
+def select_release(ledger: Ledger, names: tuple[str, ...], released: dict[str, int]) -> list[str]:
+    """The guarded tensors under each of ``names`` (module or tensor names), or a :class:`GuardConfigError`.
+
+    A name that matches nothing says whether it was released already (and when) and what is close.
+    """
+    selected: list[str] = []
+    for name in names:
+        matches = ledger.select(name)
+        if not matches:
+            gone = [epoch for r, epoch in released.items() if under(r, name)]
+            close = difflib.get_close_matches(name, ledger.prefixes(), n=3)
+            hint = f" It was released at epoch {gone[0]}." if gone else ""
+            hint += f" Close matches: {', '.join(close)}." if close else ""
+            raise GuardConfigError(
+                f"FrozenModuleGuard.release({name!r}): no guarded tensor is named so or lies under it.{hint} "
+                "Guarded tensors are listed by `guard.frozen_tensor_names` once training has started."
+            )
+        selected += [m for m in matches if m not in selected]
+    return selected
+
+
+def train_released_again(model: Any, released: Any, optimizers: list[Any]) -> list[str]:
+    """Switch ``requires_grad`` back on for the parameters :func:`frozen_again` finds; return their names."""
+    again = frozen_again(model, released, optimizers)
+    for name in again:
+        model.get_parameter(name).requires_grad_(True)
+    return again
 
 
 def frozen_again(model: Any, released: Any, optimizers: list[Any]) -> list[str]:

@@ -13,9 +13,9 @@ from torch import Tensor
 from lightning_frozenbn.errors import FrozenStateViolation, GuardConfigError
 from lightning_frozenbn.guard.consensus import Consensus
 from lightning_frozenbn.guard.ledger import Ledger
-from lightning_frozenbn.guard.namespaces import SWA
+from lightning_frozenbn.guard.namespaces import SHARDED_STRATEGIES, SWA
 
-__all__ = ["ON_VIOLATION", "OnViolation", "apply_policy", "check_arguments", "hints"]
+__all__ = ["ON_VIOLATION", "OnViolation", "apply_policy", "check_arguments", "hints", "refuse_sharded"]
 
 OnViolation = Literal["raise", "warn", "restore"]
 ON_VIOLATION: tuple[str, ...] = get_args(OnViolation)  # one source for the CLI and the check
@@ -36,6 +36,17 @@ def check_arguments(modules: Any, on_violation: Any, every_n_train_steps: Any) -
         raise GuardConfigError(
             f"FrozenModuleGuard(every_n_train_steps={every_n_train_steps!r}): expected an integer >= 0 "
             "(0 = verify at the end of every epoch only)."
+        )
+
+
+def refuse_sharded(strategy: Any) -> None:
+    """Refuse a sharding strategy (FSDP, DeepSpeed, ModelParallel) in either Lightning namespace, naming it."""
+    if isinstance(strategy, SHARDED_STRATEGIES):
+        raise GuardConfigError(
+            f"FrozenModuleGuard does not support {type(strategy).__name__}: it shards parameters across "
+            "ranks, so a bit-for-bit copy and a cross-rank comparison of the frozen state would not mean "
+            "what they say. Frozen BN needs no synchronisation: use DDP (strategy: ddp), or remove the "
+            "FrozenModuleGuard callback for this strategy."
         )
 
 

@@ -8,7 +8,15 @@ from torch import nn
 
 from lightning_frozenbn.guard.eval_mode import mode_sensitive_kinds
 
-__all__ = ["eval_overrides", "freeze_report", "summarise"]
+__all__ = [
+    "held_line",
+    "late_frozen_warning",
+    "released_again_line",
+    "released_line",
+    "eval_overrides",
+    "freeze_report",
+    "summarise",
+]
 
 # Settings of other callbacks that keep frozen BatchNorm layers in train mode, which the guard overrides.
 _KEEPS_FROZEN_BN_TRAINING = ("frozen_bn_track_running_stats", "train_bn")
@@ -96,3 +104,40 @@ def summarise(names: list[str], limit: int = 4) -> str:
     modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
     more = " ..." if len(modules) > limit else ""
     return f"{', '.join(modules[:limit])}{more} ({len(modules)} modules)"
+
+
+def released_again_line(again: list[str]) -> str:
+    """After a resume: parameters released before it had been frozen again, and train again now."""
+    return (
+        f"FrozenModuleGuard: {len(again)} parameters released before the resume ({summarise(again)}) are in the "
+        "optimizer but were frozen again (BaseFinetuning freezes in setup and restores only the optimizer's "
+        "groups): requires_grad is switched back on, so they train as before the interruption."
+    )
+
+
+def late_frozen_warning(late: list[str]) -> str:
+    """Modules frozen after training started, not guarded: how to guard them."""
+    one = len(late) == 1
+    return (
+        f"FrozenModuleGuard: {', '.join(late[:5])}{' ...' if len(late) > 5 else ''} {'was' if one else 'were'} "
+        f"frozen after training started and {'is' if one else 'are'} not guarded: nothing proves "
+        f"{'it' if one else 'they'} stay unchanged. Call guard.protect({late[0]!r}) right after freezing to guard "
+        "it from then on."
+    )
+
+
+def held_line(by: str, held: list[str]) -> str:
+    """Parameters a finetuning callback switched on without giving them to an optimizer: they stay guarded."""
+    return (
+        f"FrozenModuleGuard: {by} switched requires_grad on for {len(held)} parameters without giving them to an "
+        f"optimizer (e.g. BatchNorm with train_bn=False): they stay frozen, guarded and in eval mode "
+        f"({', '.join(held[:3])}{' ...' if len(held) > 3 else ''})."
+    )
+
+
+def released_line(by: str, names: list[str], epoch: int, epochs_verified: int, still: int) -> str:
+    """A deliberate release: what, when, and how long it was verified before."""
+    return (
+        f"FrozenModuleGuard: {by} released {len(names)} tensors at epoch {epoch} ({summarise(names)}); verified "
+        f"bit-identical for {epochs_verified} epochs up to the release. {still} tensors stay guarded."
+    )

@@ -30,7 +30,7 @@ def run(ctx):
     ``--data-image-size``, uint8, normalised on the device), the same batch size. The rate is over the
     batches after each worker's first (start-up excluded); the medians of the rounds are compared.
     """
-    from lightning_frozenbn.chunks import optimize_data
+    from lightning_frozenbn.data.chunks import optimize_data
 
     args, device = ctx.args, ctx.device
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import quiet_trainer, randomize_bn, tiny_loader
+from helpers import quiet_trainer, randomize_bn, tiny_loader
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging
 from torch import nn

@@ -4,7 +4,7 @@ averaged across ranks, and the guard compares every trainable parameter across r
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DDP_IN_PYTEST, quiet_trainer, tiny_loader
+from helpers import DDP_IN_PYTEST, quiet_trainer, tiny_loader
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import BackboneFinetuning
 from torch import nn

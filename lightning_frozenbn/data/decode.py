@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import io
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,18 +16,32 @@ from torchvision.transforms.functional import pil_to_tensor
 from lightning_frozenbn.errors import DataError
 
 __all__ = [
-    "DataError",
     "EncodedBatch",
     "EncodedLoader",
     "collate_encoded",
     "decode_batch",
+    "decode_bytes",
     "decode_file",
+    "decode_stored",
     "load_rgb",
+    "load_rgb_bytes",
     "normalize_uint8",
     "nvjpeg_available",
 ]
 
 _JPEG_MAGIC = (0xFF, 0xD8)
+
+
+_FILE_FIX = "Delete or replace this file and rerun."
+_CHUNK_FIX = "Rewrite the chunks from good files (lightning-frozenbn-optimize checks each image before writing)."
+
+
+def _open_rgb(source: Any, name: str, fix: str) -> Image.Image:
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"Cannot decode image {name!r}: {err}. {fix}") from err
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -37,18 +52,34 @@ def load_rgb(path: str) -> Image.Image:
     """
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"Cannot decode image {path!r}: {err}. Delete or replace this file and rerun.") from err
+            return _open_rgb(f, path, _FILE_FIX)
+    except OSError as err:  # cannot be opened at all
+        raise DataError(f"Cannot decode image {path!r}: {err}. {_FILE_FIX}") from err
 
 
-def _decode_bytes(data: Tensor, path: str) -> Tensor:
+def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
+    """An image file's bytes held in a chunk, opened as RGB as :func:`load_rgb` opens the file."""
+    return _open_rgb(io.BytesIO(data), f"{name} (in the chunks)", _CHUNK_FIX)
+
+
+def decode_stored(data: bytes, name: str) -> Tensor:
+    """A file's bytes as stored in a chunk, decoded as :func:`decode_file` decodes the file."""
+    return decode_bytes(torch.frombuffer(bytearray(data), dtype=torch.uint8), name, streamed=True)
+
+
+def decode_bytes(data: Tensor, name: str, streamed: bool = False) -> Tensor:
+    """A file's bytes as a ``(3, H, W)`` uint8 RGB tensor (torchvision.io; PIL for the formats it lacks).
+
+    ``streamed``: the bytes come from a chunk, so an error names the sample in the chunks (the file
+    it was written from may not be on this machine) and says to rewrite them.
+    """
     try:
         return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:
-        # Formats torchvision's decoders do not read (BMP, TIFF, PPM, ...) go through PIL; a file
-        # PIL cannot read either is broken, and load_rgb's error names it.
-        return pil_to_tensor(load_rgb(path))
+        # Formats torchvision's decoders do not read (BMP, TIFF, PPM, ...) go through PIL; bytes PIL
+        # cannot read either are broken, and the error names them.
+        where, fix = (f"{name} (in the chunks)", _CHUNK_FIX) if streamed else (name, _FILE_FIX)
+        return pil_to_tensor(_open_rgb(io.BytesIO(data.numpy().tobytes()), where, fix))
 
 
 def decode_file(path: str) -> Tensor:
@@ -62,8 +93,8 @@ def decode_file(path: str) -> Tensor:
     try:
         data = read_file(path)
     except (OSError, RuntimeError) as err:
-        raise DataError(f"Cannot read image {path!r}: {err}. Delete or replace this file and rerun.") from err
-    return _decode_bytes(data, path)
+        raise DataError(f"Cannot read image {path!r}: {err}. {_FILE_FIX}") from err
+    return decode_bytes(data, path)
 
 
 def normalize_uint8(x: Tensor, mean: Tensor, std: Tensor, channels_last: bool = False) -> Tensor:
@@ -182,7 +213,7 @@ def _decode_all(batch: EncodedBatch, device: torch.device) -> list[Tensor]:
             images[i] = image
     for i, image in enumerate(images):
         if image is None:  # PNG and the rest: decoded on the CPU, still cropped on the device
-            images[i] = _decode_bytes(batch.data[i], batch.paths[i]).to(device, non_blocking=True)
+            images[i] = decode_bytes(batch.data[i], batch.paths[i]).to(device, non_blocking=True)
     return images  # type: ignore[return-value]
 
 
@@ -225,8 +256,6 @@ def nvjpeg_available(device: torch.device | str = "cuda") -> str | None:
     if not torch.cuda.is_available():
         return "CUDA is not available"
     try:
-        import io
-
         buf = io.BytesIO()
         Image.new("RGB", (16, 16), (10, 20, 30)).save(buf, "JPEG")
         data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)

@@ -10,7 +10,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 
-from lightning_frozenbn.data import why_not_a_folder
+from lightning_frozenbn.data.image_files import why_not_a_folder
 from lightning_frozenbn.errors import DataError
 
 __all__ = ["check_categories", "read_annotations"]

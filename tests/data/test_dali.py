@@ -4,17 +4,15 @@ import sys
 
 import pytest
 import torch
-from conftest import quiet_trainer
+from helpers import quiet_trainer
 
 pytest.importorskip("nvidia.dali", reason="the dali extra is not installed: pip install 'lightning_frozenbn[dali]'")
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "scripts"))
 
 from bench.data import make_photos  # noqa: E402
 
 from lightning_frozenbn import DataError, FrozenBNClassifier, ImageFolderDataModule  # noqa: E402
-from lightning_frozenbn.dali import DaliLoader, DaliTransform  # noqa: E402
-from lightning_frozenbn.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from lightning_frozenbn.data.dali import DaliLoader, DaliTransform  # noqa: E402
+from lightning_frozenbn.backbone import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 @pytest.fixture(scope="module")

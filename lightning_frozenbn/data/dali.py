@@ -1,4 +1,4 @@
-"""NVIDIA DALI input pipelines for ImageFolderDataModule: decoding fused with the crop, on the GPU or DALI's CPU."""
+"""NVIDIA DALI input pipelines: decoding fused with the crop, on the GPU or DALI's CPU (``decode_device: dali``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_frozenbn.data.sampling import EpochShuffleSampler
 from lightning_frozenbn.errors import DataError
 
 __all__ = ["DaliLoader", "DaliTransform", "require_dali"]
@@ -131,7 +132,7 @@ class DaliLoader:
     the random crop and flip, else the evaluation transform. It has a length (batches per rank), a
     ``sampler`` whose ``set_epoch`` Lightning calls at each
     epoch, and a fresh pipeline per epoch over that epoch's files: a permutation drawn from
-    ``seed + epoch`` (the order :class:`~lightning_frozenbn.data.EpochShuffleSampler` gives, so a run
+    ``seed + epoch`` (the order :class:`~lightning_frozenbn.data.sampling.EpochShuffleSampler` gives, so a run
     resumed at an epoch sees that epoch's order), cut to a multiple of ``world_size x batch_size`` when
     dropping the last batch and dealt to the ranks as DistributedSampler deals them: every sample once
     per epoch across the ranks. Why not DALI's own ``shard_id``/``random_shuffle``: its shuffle is a
@@ -156,8 +157,6 @@ class DaliLoader:
         seed: int = 0,
         channels_last: bool = False,
     ) -> None:
-        from lightning_frozenbn.data import EpochShuffleSampler
-
         require_dali()
         self.files, self.labels, self.transform, self.train = list(files), list(labels), transform, train
         self.augment = train if augment is None else augment

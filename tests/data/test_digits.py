@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tree
+from helpers import make_tree
 from pycocotools.coco import COCO
 
 from lightning_frozenbn import DataError, DigitsDataModule, DigitsDetectionDataModule
@@ -44,7 +44,7 @@ def test_digits_written_concurrently_keep_the_first_complete_tree(tmp_path, monk
     """Two nodes on a shared filesystem: the one that finishes second must not delete the first's tree."""
     import os
 
-    import lightning_frozenbn.digits as data
+    import lightning_frozenbn.data.digits as data
 
     root, raced = tmp_path / "digits", []
 
@@ -105,7 +105,7 @@ def test_digits_detection_set_is_real_tight_seeded_and_split_by_source(tmp_path)
     assert identities[0] and identities[1] and not identities[0] & identities[1]  # no val digit is trained on
     dm.setup("fit")
     for index in range(12):
-        image, target = dm._datasets["train"][index]
+        image, target = dm.datasets["train"][index]
         ink = image[0] > 32
         assert 1 <= len(target["boxes"]) <= 3
         inside = torch.zeros_like(ink)

@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DDP_IN_PYTEST, quiet_trainer, randomize_bn, tiny_loader
+from helpers import DDP_IN_PYTEST, quiet_trainer, randomize_bn, tiny_loader
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, ModelCheckpoint
 from torch import nn

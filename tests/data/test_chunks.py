@@ -10,7 +10,8 @@ pytest.importorskip(
 )
 
 from lightning_frozenbn import DataError, ImageFolderDataModule  # noqa: E402
-from lightning_frozenbn.chunks import MANIFEST, PENDING, Location, main, optimize_data, read_manifest  # noqa: E402
+from lightning_frozenbn.data.chunks import MANIFEST, PENDING, main, optimize_data, read_manifest  # noqa: E402
+from lightning_frozenbn.data.location import Location  # noqa: E402
 
 
 def jpeg_tree(root, splits=("train", "val"), classes=("a", "b", "c"), n=8, size=40, seed=0):
@@ -44,7 +45,7 @@ def test_optimize_keeps_the_files_bytes_and_writes_the_manifest_last(tmp_path):
     assert json.loads((tmp_path / "chunks" / MANIFEST).read_text()) == manifest
     assert not (tmp_path / "chunks" / PENDING).exists()
     for split in ("train", "val"):
-        samples = ImageFolderDataModule(tmp_path / "tree")._dataset(split, train=False).samples
+        samples = ImageFolderDataModule(tmp_path / "tree").open_split(split, train=False).samples
         items = stored_items(tmp_path / "chunks" / split)
         assert sorted(item["index"] for item in items) == list(range(len(samples)))
         for item in items:
@@ -102,7 +103,7 @@ def test_an_interrupted_write_is_refused_by_readers_and_resumed_by_a_rerun(tmp_p
 def test_a_folder_of_another_version_or_not_ours_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="not written by `lightning-frozenbn-optimize`"):
         read_manifest(Location(str(tmp_path)))
-    (tmp_path / MANIFEST).write_text(json.dumps({"format": "lightning_frozenbn.chunks", "version": 99}))
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": "lightning_frozenbn.data.chunks", "version": 99}))
     with pytest.raises(DataError, match="version 99; this package reads 'lightning_frozenbn.chunks' version 1"):
         read_manifest(Location(str(tmp_path)))
 
@@ -126,7 +127,7 @@ def test_the_command_takes_a_fit_config_and_reports_bad_input_in_one_line(tmp_pa
 PACED_WRITE = """
 import sys, time
 sys.path.insert(0, {tests!r})
-import lightning_frozenbn.chunks as chunks
+import lightning_frozenbn.data.chunks as chunks
 from lightning_frozenbn import ImageFolderDataModule
 
 item = chunks._classification_item

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lightning_frozenbn.coco import CocoDetectionDataModule
-from lightning_frozenbn.data import DecodeDevice, Decoder, ImageFolderDataModule
+from lightning_frozenbn.data.coco import CocoDetectionDataModule
+from lightning_frozenbn.data.decoders import DecodeDevice, Decoder
+from lightning_frozenbn.data.folder import ImageFolderDataModule
 from lightning_frozenbn.errors import DataError
 
 __all__ = ["DigitsDataModule", "DigitsDetectionDataModule", "publish_complete"]
@@ -57,20 +58,20 @@ class DigitsDataModule(ImageFolderDataModule):
     ) -> None:
         super().__init__(
             root,
-            image_size,
-            batch_size,
-            num_workers,
-            min_scale,
-            hflip,
-            pin_memory,
-            predict_split,
-            augment,
-            seed,
-            decode,
-            decode_device,
-            predict_root,
-            class_names,
-            eval_resize,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            min_scale=min_scale,
+            hflip=hflip,
+            pin_memory=pin_memory,
+            predict_split=predict_split,
+            augment=augment,
+            seed=seed,
+            decode=decode,
+            decode_device=decode_device,
+            predict_root=predict_root,
+            class_names=class_names,
+            eval_resize=eval_resize,
         )
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction={val_fraction!r} is invalid: expected a fraction in (0, 1), e.g. 0.2.")
@@ -167,8 +168,7 @@ class DigitsDetectionDataModule(CocoDetectionDataModule):
         self.digits_per_image, self.num_train, self.num_val = tuple(digits_per_image), num_train, num_val
         self.val_fraction = val_fraction
 
-    @property
-    def categories(self) -> list[dict[str, Any]]:
+    def source_categories(self) -> list[dict[str, Any]]:
         """The ten digits, known before the files exist."""
         return [{"id": d + 1, "name": str(d)} for d in range(10)]
 
@@ -187,7 +187,7 @@ class DigitsDetectionDataModule(CocoDetectionDataModule):
         tmp = Path(tempfile.mkdtemp(prefix=".digits-detection-", dir=self.root.parent))
         for split, count in (("train", self.num_train), ("val", self.num_val)):
             (tmp / split).mkdir()
-            coco = {"images": [], "annotations": [], "categories": self.categories}
+            coco = {"images": [], "annotations": [], "categories": self.source_categories()}
             for image_id in range(1, count + 1):
                 canvas, boxes = self._canvas(digits, sources[split], generator)
                 name = f"{image_id:05d}.png"

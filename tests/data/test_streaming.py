@@ -25,9 +25,9 @@ from lightning_frozenbn import (  # noqa: E402
     StreamingCocoDataModule,
     StreamingImageDataModule,
 )
-from lightning_frozenbn.chunks import optimize_data  # noqa: E402
+from lightning_frozenbn.data.chunks import optimize_data  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT  # noqa: E402
 TESTS = Path(__file__).resolve().parent
 
 
@@ -104,8 +104,8 @@ def test_detection_chunks_give_the_folder_modules_targets(tmp_path):
     source.setup("fit")
     assert streamed.hflip is False  # the digits module's "a mirrored 2 is not a 2", from the manifest
     for split in ("train", "val"):
-        folder_split = source._datasets[split]
-        items = {int(t["image_id"]): (x, t) for x, t in streamed._datasets[split]}
+        folder_split = source.datasets[split]
+        items = {int(t["image_id"]): (x, t) for x, t in streamed.datasets[split]}
         assert len(items) == len(folder_split)
         for i in range(len(folder_split)):
             fx, ft = folder_split[i]

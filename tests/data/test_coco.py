@@ -72,7 +72,7 @@ def test_labels_names_crowd_empty_images_clipping_and_extra_keys(tmp_path, monke
     assert dm.num_classes == 3 and dm.classes == ["car", "train", "kite"] and dm.category_ids == [3, 7, 11]
     with pytest.warns(UserWarning, match=r"1 box\(es\) .* clipped .*annotation ids 3"):
         dm.setup("fit")
-    train, val = dm._datasets["train"], dm._datasets["val"]
+    train, val = dm.datasets["train"], dm.datasets["val"]
     image, target = train[0]
     assert image.dtype == torch.uint8 and image.shape == (3, 40, 48)
     # the crowd box (id 2) is left out of training; the box sticking out (id 3) is clipped to 48x40
@@ -97,8 +97,8 @@ def test_hflip_moves_the_boxes_with_the_pixels(tmp_path):
     torch.manual_seed(0)
     seen = set()
     for _ in range(20):
-        image, target = flipped._datasets["train"][1]  # 40 px wide, box [0, 0, 40, 48] spans it
-        image, target = flipped._datasets["train"][0]
+        image, target = flipped.datasets["train"][1]  # 40 px wide, box [0, 0, 40, 48] spans it
+        image, target = flipped.datasets["train"][0]
         seen.add(tuple(target["boxes"][0].tolist()))
     assert seen == {(2.0, 3.0, 12.0, 15.0), (36.0, 3.0, 46.0, 15.0)}  # x -> 48 - x
 
@@ -184,7 +184,7 @@ class _GroundTruthAsDetections(__import__("lightning").pytorch.LightningModule):
 
 
 def test_results_file_maps_back_to_coco_ids_and_xywh(tmp_path):
-    from conftest import quiet_trainer
+    from helpers import quiet_trainer
 
     train = write_coco(tmp_path, name="train")
     # only non-crowd boxes inside the image: their detections must match exactly
@@ -219,7 +219,7 @@ def test_predict_root_needs_no_annotations_when_the_categories_are_given(tmp_pat
     dm.setup("predict")
     assert dm.num_classes == 2 and dm.category_ids == [3, 7] and dm.classes == ["car", "train"]
     images, targets = next(iter(dm.predict_dataloader()))
-    assert dm._datasets["predict"].files == [str(new / "b" / "a.jpg"), str(new / "z.png")]  # sorted, no hidden
+    assert dm.datasets["predict"].files == [str(new / "b" / "a.jpg"), str(new / "z.png")]  # sorted, no hidden
     assert images[0].dtype == torch.uint8 and images[0].shape == (3, 30, 40) and targets == [{}, {}]
     with pytest.raises(DataError, match="categories are unknown.*--ckpt_path"):
         CocoDetectionDataModule(predict_root=new, num_workers=0).setup("predict")
@@ -246,11 +246,11 @@ def test_missing_iscrowd_and_area_are_read_as_pycocotools_reads_them(tmp_path):
     train, val = write_coco(tmp_path, anns, name="train"), write_coco(tmp_path, anns, name="val")
     dm = CocoDetectionDataModule(*train, *val, num_workers=0, hflip=False)
     dm.setup("fit")
-    _, target = dm._datasets["train"][0]  # the crowd box (id 2, in the middle) is left out, not a neighbour
+    _, target = dm.datasets["train"][0]  # the crowd box (id 2, in the middle) is left out, not a neighbour
     torch.testing.assert_close(target["boxes"], torch.tensor([[2.0, 3, 12, 15], [30, 20, 36, 26]]))
-    _, target = dm._datasets["val"][0]  # each flag and area stays with its own box
+    _, target = dm.datasets["val"][0]  # each flag and area stays with its own box
     assert target["iscrowd"].tolist() == [0, 1, 0] and target["area"].tolist() == [120.0, 50.0, 36.0]
-    assert dm._datasets["val"][1][1]["iscrowd"].tolist() == [0]
+    assert dm.datasets["val"][1][1]["iscrowd"].tolist() == [0]
 
 
 class _Detects(__import__("lightning_frozenbn").FrozenBNDetector):
@@ -326,7 +326,7 @@ def test_string_image_ids_are_mapped_to_integers_and_the_originals_kept(tmp_path
     train, val = write_coco(tmp_path, anns, images, name="train"), write_coco(tmp_path, anns, images, name="val")
     dm = CocoDetectionDataModule(*train, *val, num_workers=0, hflip=False)
     dm.setup("fit")
-    _, target = dm._datasets["val"][1]
+    _, target = dm.datasets["val"][1]
     assert int(target["image_id"]) == 2 and target["labels"].tolist() == [1]  # IMG_0002: its own box
     assert dm._annotations["val"]["images"][1]["original_id"] == "IMG_0002"
     images, targets = next(iter(dm.train_dataloader()))  # batches collate (was: "too many dimensions 'str'")
@@ -365,7 +365,7 @@ def test_an_image_whose_size_or_bytes_are_wrong_is_named_when_read(tmp_path):
     dm = CocoDetectionDataModule(folder, path, *write_coco(tmp_path, name="val"), num_workers=0)
     dm.setup("fit")
     with pytest.raises(DataError, match=r"b\.png' is 40x48 on disk, but its annotations say 48x40 \(image id 20\)"):
-        dm._datasets["train"][1]
+        dm.datasets["train"][1]
     (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(DataError, match=r"Cannot read image '.*a\.png' \(image id 10\).*Delete or replace"):
-        dm._datasets["train"][0]
+        dm.datasets["train"][0]

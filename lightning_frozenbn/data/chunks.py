@@ -6,25 +6,22 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
+from lightning_frozenbn.data.contract import ChunkEntry, LabelledDataModule
+from lightning_frozenbn.data.location import LOCK, Location, WriterLock
 from lightning_frozenbn.errors import DataError
-from lightning_frozenbn.files import write_atomically
 
-__all__ = ["FORMAT", "MANIFEST", "Location", "check_chunks", "main", "optimize_data", "read_manifest"]
+__all__ = ["FORMAT", "MANIFEST", "check_chunks", "main", "optimize_data", "read_manifest", "require_litdata"]
 
 FORMAT = "lightning_frozenbn.chunks"
 VERSION = 1
 MANIFEST = "lightning_frozenbn.json"  # written last: its presence means every split is complete
 PENDING = "lightning_frozenbn.pending.json"  # what is being written; an interrupted run resumes from it
-LOCK = "lightning_frozenbn.lock"  # held by the one optimize writing a folder (local folders)
 INSTALL = 'pip install "lightning_frozenbn[streaming]"'
 
 
@@ -42,120 +39,6 @@ def require_litdata() -> None:
     options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
     if isinstance(options, dict):
         options.setdefault("allow_http", "true")
-
-
-@dataclass(frozen=True)
-class Location:
-    """A chunk folder: a local path or ``s3://bucket/prefix`` (endpoint and keys from the environment).
-
-    Only the small JSON files of this package go through here; litdata moves the chunks.
-    """
-
-    url: str
-
-    @property
-    def remote(self) -> bool:
-        """True for ``s3://`` URLs."""
-        return self.url.startswith("s3://")
-
-    def join(self, *parts: str) -> str:
-        """``url/part/...``."""
-        return "/".join([self.url.rstrip("/"), *parts])
-
-    def _bucket_key(self, name: str) -> tuple[str, str]:
-        bucket, _, prefix = self.url[len("s3://") :].partition("/")
-        return bucket, "/".join(p for p in (prefix.strip("/"), name) if p)
-
-    def _client(self) -> Any:
-        import boto3
-
-        return boto3.client("s3")
-
-    def check_reachable(self) -> None:
-        """The bucket exists and answers, or a :class:`DataError` naming it (local folders: nothing to check)."""
-        if not self.remote:
-            return
-        bucket, _ = self._bucket_key("")
-        endpoint = os.environ.get("AWS_ENDPOINT_URL", "AWS's default endpoint")
-        try:
-            self._client().head_bucket(Bucket=bucket)
-        except Exception as err:  # botocore: ClientError (404/403), EndpointConnectionError, NoCredentialsError
-            raise DataError(
-                f"Bucket {bucket!r} of {self.url!r} is missing or unreachable at {endpoint}: {err}. Create the "
-                "bucket, or set AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the store."
-            ) from err
-
-    def read_json(self, name: str) -> dict[str, Any] | None:
-        """The JSON file ``name`` in this folder, or None if there is none."""
-        if not self.remote:
-            path = Path(self.url) / name
-            return json.loads(path.read_text()) if path.is_file() else None
-        bucket, key = self._bucket_key(name)
-        client = self._client()
-        try:
-            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except client.exceptions.NoSuchKey:
-            return None
-        return json.loads(body)
-
-    def write_json(self, name: str, value: dict[str, Any]) -> None:
-        """Write ``name`` whole (a local file atomically; an S3 object is whole by nature)."""
-        data = (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
-        if not self.remote:
-            write_atomically(Path(self.url) / name, lambda f: f.write(data))
-            return
-        bucket, key = self._bucket_key(name)
-        self._client().put_object(Bucket=bucket, Key=key, Body=data)
-
-    def delete(self, name: str) -> None:
-        """Remove ``name`` if present."""
-        if not self.remote:
-            (Path(self.url) / name).unlink(missing_ok=True)
-            return
-        bucket, key = self._bucket_key(name)
-        self._client().delete_object(Bucket=bucket, Key=key)
-
-    def delete_folder(self, name: str) -> None:
-        """Remove the sub-folder ``name`` and everything under it, if present."""
-        if not self.remote:
-            shutil.rmtree(Path(self.url) / name, ignore_errors=True)
-            return
-        bucket, _ = self._bucket_key(name)
-        client = self._client()
-        for page in self._pages(name):
-            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
-
-    def _pages(self, folder: str) -> Any:
-        """The S3 listing of everything under the sub-folder ``folder``, page by page."""
-        bucket, prefix = self._bucket_key(folder)
-        return self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
-
-    def sizes(self, folder: str) -> dict[str, int]:
-        """The files directly in the sub-folder ``folder`` and their sizes in bytes (empty if none)."""
-        if not self.remote:
-            path = Path(self.url) / folder
-            return {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()} if path.is_dir() else {}
-        prefix = self._bucket_key(folder)[1].rstrip("/") + "/"
-        found: dict[str, int] = {}
-        for page in self._pages(folder):
-            for obj in page.get("Contents", []):
-                name = obj["Key"][len(prefix) :]
-                if "/" not in name:
-                    found[name] = int(obj["Size"])
-        return found
-
-    def entries(self) -> list[str]:
-        """What the folder holds (names, first level); empty if it does not exist."""
-        if not self.remote:
-            path = Path(self.url)
-            if path.exists() and not path.is_dir():
-                raise DataError(f"output_dir {self.url!r} is a file, not a folder: choose a folder path.")
-            return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-        bucket, prefix = self._bucket_key("")
-        listing = self._client().list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else "")
-        return sorted({obj["Key"][len(prefix) :].strip("/").split("/")[0] for obj in listing.get("Contents", [])})
 
 
 def read_manifest(location: Location) -> dict[str, Any]:
@@ -205,64 +88,6 @@ def check_chunks(location: Location, split: str) -> None:
             )
 
 
-class _Lock:
-    """The one optimize that writes a local folder: a lock file made with O_EXCL, holding host and pid.
-
-    A lock left by a killed writer (same host, its pid gone) is taken over; one held by a live process is a
-    :class:`DataError` naming it. S3 has no such primitive here: for buckets, do not run two writers at once.
-    """
-
-    def __init__(self, location: Location) -> None:
-        self.path = None if location.remote else Path(location.url) / LOCK
-        self.url = location.url
-
-    def __enter__(self) -> _Lock:
-        if self.path is None or (self.path.parent.exists() and not self.path.parent.is_dir()):
-            return self  # a bucket, or a file where the folder should be (refused by the checks after this)
-        import socket
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self._holder()
-                if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
-                    self.path.unlink(missing_ok=True)  # left by a writer that was killed: take it over
-                    continue
-                raise DataError(
-                    f"output_dir {self.url!r} is being written by another lightning-frozenbn-optimize (pid "
-                    f"{holder.get('pid')} on {holder.get('host')}): wait for it to finish, or stop it and rerun."
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            return self
-        raise DataError(f"Cannot take the lock {str(self.path)!r}: delete it if no optimize is running, and rerun.")
-
-    def _holder(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.path.read_text()) if self.path is not None else {}
-        except (OSError, ValueError):
-            return {}
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a process of another user
-        return True
-    return True
-
-
 # ---- what is written: one sample per image, its encoded bytes untouched --------------------------
 def _read_bytes(path: str) -> bytes:
     try:
@@ -272,107 +97,59 @@ def _read_bytes(path: str) -> bytes:
         raise DataError(f"Cannot read image {path!r}: {err}. Delete or replace this file and rerun.") from err
 
 
-def _classification_item(entry: tuple[int, str, int, str]) -> dict[str, Any]:
-    index, path, label, name = entry
+# The sample schema, in one place: what one item of a chunk holds (read back by data/streaming.py's items).
+def _row(task: str, index: int, entry: ChunkEntry) -> list:
+    """An entry as the JSON-able list litdata passes to a writer (and compares when it resumes)."""
+    if task == "detection":
+        return [index, entry.file, json.dumps(entry.record)]
+    return [index, entry.file, entry.label, entry.name]
+
+
+def _classification_item(row: list) -> dict[str, Any]:
+    index, path, label, name = row
     return {"index": index, "image": _read_bytes(path), "label": label, "name": name}
 
 
-def _detection_item(entry: tuple[int, str, str]) -> dict[str, Any]:
-    index, path, record = entry
+def _detection_item(row: list) -> dict[str, Any]:
+    index, path, record = row
     return {"index": index, "image": _read_bytes(path), "record": record}
 
 
-def _header_size(path: str) -> tuple[int, int]:
-    """An image file's (width, height) from its header, or one :class:`DataError` naming the file.
-
-    Read here, in the main process, before anything is written: an error raised in litdata's writer processes
-    left ``optimize`` waiting forever (litdata 0.2.76, fork start), and a file that cannot be read, or a text
-    file named ``.jpg``, was written into the chunks and broke training later, far from its cause.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:  # the header only
-            return image.size
-    except (OSError, UnidentifiedImageError) as err:
-        raise DataError(
-            f"Cannot read image {path!r}: {err}. Delete or replace this file and rerun; nothing was written."
-        ) from err
-
-
-def _check_sizes(root: Path, images: list[dict[str, Any]]) -> None:
-    """Check each image's header against its COCO entry before anything is written."""
-    from lightning_frozenbn.coco import check_listed_size
-
-    for info in images:
-        file = str(root / info["file_name"])
-        check_listed_size(file, info, *_header_size(file))
-
-
-def _fingerprint(entries: list) -> str:
+def _fingerprint(rows: list) -> str:
     """A digest of a split's source files as they are now: each file's name, size and modification time.
 
     With the labels or COCO records: a file changed on disk (same names, same counts) after the chunks were
     written changes it, so a rerun does not take the old chunks for complete.
     """
     digest = hashlib.sha256()
-    for entry in entries:
-        path = entry[1]
+    for row in rows:
+        path = row[1]
         try:
             stat = os.stat(path)
         except OSError as err:
             raise DataError(f"Cannot read image {path!r}: {err}. Delete or replace this file and rerun.") from err
-        digest.update(json.dumps([*entry, stat.st_size, stat.st_mtime_ns]).encode())
+        digest.update(json.dumps([*row, stat.st_size, stat.st_mtime_ns]).encode())
     return digest.hexdigest()
 
 
 def _describe(data: pl.LightningDataModule, splits: list[str] | None) -> tuple[dict[str, Any], dict[str, list]]:
-    """The manifest's description of ``data`` and, per split, the entries to write (in the split's order)."""
-    from lightning_frozenbn.coco import CocoDetectionDataModule
-    from lightning_frozenbn.data import ImageFolderDataModule
+    """The manifest's description of ``data`` and, per split, the rows to write (in the split's order).
 
+    Everything comes through :class:`~lightning_frozenbn.data.contract.LabelledDataModule`: a data module
+    of any kind that implements it can be written; the entries are checked there (each image's header is
+    read in this process, before anything is written: an error raised in litdata's writer processes left
+    ``optimize`` waiting forever, litdata 0.2.76 with fork).
+    """
+    if not isinstance(data, LabelledDataModule):
+        raise DataError(
+            f"{type(data).__name__} cannot be optimized: expected a LabelledDataModule (ImageFolderDataModule, "
+            "CocoDetectionDataModule, their subclasses, or your own data module implementing the contract: "
+            "docs/data.md, 'Your own data module')."
+        )
     data.prepare_data()
-    if isinstance(data, ImageFolderDataModule):
-        wanted = splits or [s for s in ("train", "val", "test") if (data.root / s).is_dir()]
-        classes = data.classes
-        entries = {}
-        for split in wanted:
-            dataset = data._dataset(split, train=False)  # checked: layout, classes agree with train
-            root = Path(dataset.root)
-            entries[split] = [
-                (i, path, label, str(Path(path).relative_to(root))) for i, (path, label) in enumerate(dataset.samples)
-            ]
-            for path, _ in dataset.samples:
-                _header_size(path)
-        # the source's augmentation settings: a streaming module left at None uses them (DigitsDataModule's
-        # min_scale 0.6 and no flips are not ImageFolderDataModule's defaults)
-        augment = {"min_scale": data.min_scale, "hflip": data.hflip}
-        return {"task": "classification", "classes": classes, "augment": augment}, entries
-    if isinstance(data, CocoDetectionDataModule):
-        wanted = splits or [s for s in ("train", "val", "test") if data.paths[s] is not None]
-        categories = data.categories
-        entries = {}
-        for split in wanted:
-            if data.paths.get(split) is None:
-                raise DataError(f"splits names {split!r}, but the data module has no {split} split.")
-            data.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-            dataset = data._datasets[split]
-            _check_sizes(dataset.root, [dataset.coco.imgs[i] for i in dataset.ids])
-            anns = dataset.coco.imgToAnns
-            entries[split] = [
-                (
-                    i,
-                    str(dataset.root / dataset.coco.imgs[image_id]["file_name"]),
-                    json.dumps({"image": dataset.coco.imgs[image_id], "annotations": anns.get(image_id, [])}),
-                )
-                for i, image_id in enumerate(dataset.ids)
-            ]
-        description = {"task": "detection", "categories": categories, "extra_keys": data.extra_keys}
-        return {**description, "augment": {"hflip": data.hflip}}, entries
-    raise DataError(
-        f"{type(data).__name__} cannot be optimized: expected an ImageFolderDataModule (or subclass, e.g. "
-        "DigitsDataModule) or a CocoDetectionDataModule (or subclass)."
-    )
+    wanted = splits or data.chunk_splits()
+    rows = {split: [_row(data.task, i, entry) for i, entry in enumerate(data.chunk_entries(split))] for split in wanted}
+    return {"task": data.task, **data.chunk_description()}, rows
 
 
 def optimize_data(
@@ -392,7 +169,8 @@ def optimize_data(
     checkpoints). A folder that holds anything else is refused, so nothing is mixed or overwritten.
 
     Args:
-        data: an ``ImageFolderDataModule`` / ``CocoDetectionDataModule`` (or subclass) to read.
+        data: a :class:`~lightning_frozenbn.data.contract.LabelledDataModule` to read (the folder and COCO
+            modules, their subclasses, or your own).
         output_dir: a local folder or ``s3://bucket/prefix`` (endpoint and keys from the environment).
         splits: the splits to write; default every split the data has.
         num_workers: litdata's writer processes (default: the CPU count, at most 8).
@@ -402,7 +180,7 @@ def optimize_data(
     location = Location(str(output_dir))
     location.check_reachable()
     description, entries = _describe(data, splits)
-    from lightning_frozenbn import __version__
+    from lightning_frozenbn import __version__  # lazily: the package imports this module
 
     spec = {
         "format": FORMAT,
@@ -412,7 +190,7 @@ def optimize_data(
         "sources": {split: _fingerprint(items) for split, items in entries.items()},
         "written_by": f"lightning_frozenbn {__version__}",
     }
-    with _Lock(location):  # checks and writes by one writer at a time
+    with WriterLock(location):  # checks and writes by one writer at a time
         done, pending = location.read_json(MANIFEST), location.read_json(PENDING)
         if done is not None:
             if done == spec:

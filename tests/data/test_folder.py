@@ -2,11 +2,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tree, requires_gpu
+from helpers import make_tree, requires_gpu
 from PIL import Image
 
 from lightning_frozenbn import DataError, ImageFolderDataModule
-from lightning_frozenbn.data import IMAGENET_MEAN, IMAGENET_STD
+from lightning_frozenbn.backbone import IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_grayscale_and_rgba_images_become_rgb(tmp_path):
@@ -108,7 +108,7 @@ def one_level(std=IMAGENET_STD):
 def test_every_format_decodes_to_the_pixels_pil_gives(tmp_path):
     from torchvision.transforms.functional import pil_to_tensor
 
-    from lightning_frozenbn.decode import decode_file, load_rgb
+    from lightning_frozenbn.data.decode import decode_file, load_rgb
 
     photo = Image.open(photo_tree(tmp_path / "p", n=1, splits=("train",)) / "train" / "class1" / "0.jpg")
     exif = Image.Exif()
@@ -133,7 +133,7 @@ def test_every_format_decodes_to_the_pixels_pil_gives(tmp_path):
 
 @pytest.mark.parametrize("decode_device", ["cpu", "batched"])
 def test_a_truncated_jpeg_is_named(tmp_path, decode_device):
-    from lightning_frozenbn.decode import EncodedLoader, collate_encoded, decode_batch
+    from lightning_frozenbn.data.decode import EncodedLoader, collate_encoded, decode_batch
 
     root = photo_tree(tmp_path, n=2)
     bad = root / "train" / "class0" / "1.jpg"
@@ -186,7 +186,7 @@ def test_train_augmentation_is_the_pil_paths_under_the_same_seed(tmp_path):
 @pytest.mark.parametrize("train", [True, False])
 def test_gpu_decode_logic_on_the_cpu_matches_the_worker_path(tmp_path, train):
     """decode_device='cuda' splits the work: workers read bytes and plan crops, the device decodes and crops."""
-    from lightning_frozenbn.decode import EncodedLoader, collate_encoded, decode_batch
+    from lightning_frozenbn.data.decode import EncodedLoader, collate_encoded, decode_batch
 
     root = photo_tree(tmp_path)
     Image.open(root / "train" / "class0" / "0.jpg").save(root / "train" / "class0" / "extra.png")
@@ -208,7 +208,7 @@ def test_gpu_decode_batches_cross_worker_processes(tmp_path):
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from lightning_frozenbn.decode import EncodedBatch, EncodedLoader, collate_encoded
+    from lightning_frozenbn.data.decode import EncodedBatch, EncodedLoader, collate_encoded
 
     root = photo_tree(tmp_path, n=3)
     dataset = ImageFolder(str(root / "val"), loader=EncodedLoader(32, train=False))
@@ -238,7 +238,7 @@ class _Recorder(__import__("lightning_frozenbn").FrozenBNClassifier):
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_uint8_batches_reach_the_model_normalised_in_its_layout(tmp_path, channels_last):
-    from conftest import quiet_trainer
+    from helpers import quiet_trainer
 
     root = photo_tree(tmp_path / "data")
     batches = {}
@@ -257,7 +257,7 @@ def test_uint8_batches_reach_the_model_normalised_in_its_layout(tmp_path, channe
 
 
 def test_gpu_decode_without_cuda_falls_back_to_the_workers_with_a_warning(tmp_path):
-    from conftest import quiet_trainer
+    from helpers import quiet_trainer
 
     root = photo_tree(tmp_path / "data", n=2)
     dm = ImageFolderDataModule(root, image_size=32, batch_size=4, num_workers=0, decode_device="cuda", augment=False)
@@ -285,7 +285,7 @@ def test_bad_decode_arguments(tmp_path, kwargs, match):
 @pytest.mark.gpu
 @requires_gpu
 def test_nvjpeg_batch_decode_matches_the_cpu_workers(tmp_path):
-    from lightning_frozenbn.decode import EncodedLoader, collate_encoded, decode_batch, nvjpeg_available
+    from lightning_frozenbn.data.decode import EncodedLoader, collate_encoded, decode_batch, nvjpeg_available
 
     assert nvjpeg_available() is None
     root = photo_tree(tmp_path)
@@ -399,7 +399,7 @@ class _OrderRecorder(__import__("lightning").pytorch.LightningModule):
 def _orders(tmp_path, run, epochs, ckpt_path=None, **trainer_kwargs):
     import json
 
-    from conftest import quiet_trainer
+    from helpers import quiet_trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     dm = ImageFolderDataModule(order_tree(tmp_path / "data"), image_size=32, batch_size=2, num_workers=0, augment=False)
@@ -427,7 +427,7 @@ def test_every_epoch_has_its_own_order_and_a_resumed_run_continues_it(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_see_disjoint_samples_and_together_all_of_them(tmp_path):
-    from conftest import DDP_IN_PYTEST
+    from helpers import DDP_IN_PYTEST
 
     ranks = _orders(tmp_path, "ddp", 2, strategy=DDP_IN_PYTEST, devices=2)
     assert sorted(ranks) == [0, 1]

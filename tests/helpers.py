@@ -1,0 +1,90 @@
+"""What the tests share besides fixtures: tiny seeded data, trainers, BN statistics, GPU gating."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# 2-process DDP inside pytest: forked processes (gloo). "ddp_spawn" would start fresh interpreters that
+# import torch and Lightning again (~10 s a run on these 2 cores, 5x the training); "ddp" would re-run
+# pytest. The CLI's own launcher ("ddp", torchrun) is tested through real console processes.
+DDP_IN_PYTEST = "ddp_fork"
+
+
+def tiny_loader(n: int = 16, size: int = 32, num_classes: int = 4, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    """Random images with a learnable label (the mean of one channel decides the class)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    x[:, 0] += y[:, None, None].float()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def make_tree(root, splits=("train", "val"), classes=("cat", "dog"), n=3, size=40):
+    """An ImageFolder tree of small solid-colour PNGs: ``root/<split>/<class>/<i>.png``."""
+    from PIL import Image
+
+    for split in splits:
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (size, size), (i * 40, 100, 200)).save(folder / f"{i}.png")
+    return root
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BN (BatchNorm2d or FrozenBatchNorm2d) non-trivial statistics and affine values.
+
+    So that tests cannot pass on defaults: a FrozenBatchNorm2d fresh from torchvision is the identity.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)) or type(m).__name__ == "FrozenBatchNormAct2d":
+                c = m.running_mean.numel()
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+                if getattr(m, "num_batches_tracked", None) is not None:
+                    m.num_batches_tracked.fill_(100)
+    return model
+
+
+def quiet_trainer(tmp_path, **kwargs) -> Trainer:
+    """A CPU Trainer with no logger, progress bar, summary or checkpoints unless asked for."""
+    defaults = dict(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    return Trainer(**{**defaults, **kwargs})
+
+
+class _CreatesFile:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def write_evil_pickle(path: Path, marker: Path, key: str = "state_dict") -> None:
+    """A pickle that would create ``marker`` when loaded by an unsafe loader."""
+    with open(path, "wb") as f:
+        pickle.dump({key: {}, "payload": _CreatesFile(str(marker))}, f)
