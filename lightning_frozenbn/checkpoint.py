@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "ResumableCheckpoint",
     "check_checkpoint_kind",
+    "model_config_from",
     "read_record",
     "saved_model_class",
     "write_record",
@@ -199,6 +200,28 @@ _CLASS_BY_LAYERS = (
 )
 
 
+# where checkpoints of earlier versions name a class that has moved since (read through saved_model_class)
+MOVED_CLASSES = {"lightning_frozenbn.module.FrozenBNClassifier": "lightning_frozenbn.FrozenBNClassifier"}
+
+
+def model_config_from(path: str | Path) -> dict[str, Any] | None:
+    """The model section a checkpoint's hyperparameters give (LightningCLI's ``--ckpt_path`` reading), or None.
+
+    Lightning 2.6's ``LightningCLI._parse_ckpt_path`` does this with the class path as recorded; here
+    a class that has moved since the checkpoint was written (:data:`MOVED_CLASSES`) is named where it
+    lives now, so checkpoints of earlier versions keep loading without an import shim in the old module.
+    """
+    checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    if not hparams:
+        return None
+    if "_class_path" not in hparams:
+        return hparams
+    class_path = hparams.pop("_class_path")
+    return {"class_path": MOVED_CLASSES.get(class_path, class_path), "dict_kwargs": hparams}
+
+
 def saved_model_class(checkpoint: dict[str, Any]) -> str | None:
     """The class path of the LightningModule that saved ``checkpoint``, or None when it cannot be told.
 
@@ -207,7 +230,7 @@ def saved_model_class(checkpoint: dict[str, Any]) -> str | None:
     """
     class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
     if isinstance(class_path, str):
-        return class_path
+        return MOVED_CLASSES.get(class_path, class_path)
     keys = checkpoint.get("state_dict") or {}
     return next((path for prefix, path in _CLASS_BY_LAYERS if any(k.startswith(prefix) for k in keys)), None)
 

@@ -18,13 +18,19 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_frozenbn.backbone import eval_resize_for
-from lightning_frozenbn.checkpoint import AtomicCheckpointIO, ResumableCheckpoint, check_checkpoint_kind, read_record
+from lightning_frozenbn.checkpoint import (
+    AtomicCheckpointIO,
+    ResumableCheckpoint,
+    check_checkpoint_kind,
+    model_config_from,
+    read_record,
+)
 from lightning_frozenbn.classifier import FrozenBNClassifier
 from lightning_frozenbn.data import LabelledDataModule
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.errors import FrozenStateViolation, InputError
 from lightning_frozenbn.guard import FrozenModuleGuard
-from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
+from lightning_frozenbn.loggers import RUN_LOGGERS, RunCSVLogger, default_logger_entries
 from lightning_frozenbn.parser import ConciseErrorsParser
 from lightning_frozenbn.writers import CocoResultsWriter, PredictionWriter
 
@@ -82,7 +88,7 @@ class FrozenBNCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs["trainer_defaults"] = {
             "callbacks": [LearningRateMonitor(logging_interval="epoch")],
-            "logger": _default_loggers(),
+            "logger": default_logger_entries(),
             "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
             **kwargs.get("trainer_defaults", {}),
         }
@@ -121,8 +127,11 @@ class FrozenBNCLI(LightningCLI):
         self._saved_in = os.path.realpath(os.path.dirname(os.path.expanduser(str(path)))) if path else None
         check_checkpoint_kind(saved["class_path"], self.model_class, str(config.get("ckpt_path")))
         given = _run_settings_given(config.get("model"), self.model_class)
-        try:
-            super()._parse_ckpt_path()
+        try:  # LightningCLI._parse_ckpt_path (Lightning 2.6), with moved class paths mapped
+            given_path = config.get("ckpt_path")
+            model = model_config_from(given_path) if given_path and Path(given_path).is_file() else None
+            if model is not None:
+                self.config = self.parser.parse_object({self.config.subcommand: {"model": model}}, self.config)
         except Exception:
             config = self.config[self.config.subcommand]
             AtomicCheckpointIO().load_checkpoint(config.get("ckpt_path"))  # raises CheckpointError
@@ -220,7 +229,7 @@ class FrozenBNCLI(LightningCLI):
             return
         root = trainer.get("default_root_dir") or "."
         entries = trainer["logger"] if isinstance(trainer["logger"], list) else [trainer["logger"]]
-        ours = [e for e in entries if getattr(e, "class_path", None) in _RUN_LOGGERS and e.get("init_args")]
+        ours = [e for e in entries if getattr(e, "class_path", None) in RUN_LOGGERS and e.get("init_args")]
         for entry in ours:
             if entry.init_args.get("save_dir") is None:
                 entry.init_args.save_dir = root
@@ -314,19 +323,6 @@ def _run_settings_given(model: Any, default_class: type) -> dict[str, Any]:
     }
 
 
-def _default_loggers() -> list[dict[str, str]]:
-    """CSV always, TensorBoard when installed (decided when the parser is built, so the defaults say it)."""
-    loggers = [{"class_path": f"{RunCSVLogger.__module__}.{RunCSVLogger.__name__}"}]
-    for package in ("tensorboard", "tensorboardX"):  # what Lightning's TensorBoardLogger can write with
-        try:
-            __import__(package)
-        except ImportError:
-            continue
-        loggers.append({"class_path": f"{RunTensorBoardLogger.__module__}.{RunTensorBoardLogger.__name__}"})
-        break
-    return loggers
-
-
 def _message(err: Exception) -> str:
     """The error's own message, also when it was raised in a DataLoader worker process.
 
@@ -359,9 +355,6 @@ class DetectionCLI(FrozenBNCLI):
         "checkpoint.filename": "best-epoch{epoch:02d}-map{val/map:.4f}",
     }
     prediction_writer = CocoResultsWriter
-
-
-_RUN_LOGGERS = {f"{c.__module__}.{c.__name__}" for c in (RunCSVLogger, RunTensorBoardLogger)}
 
 
 def _data_class(data: Any) -> type[LabelledDataModule] | None:

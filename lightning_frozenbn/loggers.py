@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from typing_extensions import override
 
-__all__ = ["RunCSVLogger", "RunTensorBoardLogger"]
+__all__ = ["RUN_LOGGERS", "RunCSVLogger", "RunTensorBoardLogger", "default_logger_entries"]
 
 
 class _ContinuedWriter(ExperimentWriter):
@@ -122,3 +122,19 @@ class RunTensorBoardLogger(TensorBoardLogger):
         self, save_dir: str | None = None, name: str = "tensorboard", version: int | str | None = None, **kwargs: Any
     ) -> None:
         super().__init__(os.fspath(save_dir) if save_dir is not None else ".", name=name, version=version, **kwargs)
+
+
+RUN_LOGGERS = {f"{c.__module__}.{c.__name__}" for c in (RunCSVLogger, RunTensorBoardLogger)}
+
+
+def default_logger_entries() -> list[dict[str, str]]:
+    """CSV always, TensorBoard when installed (decided when the parser is built, so the defaults say it)."""
+    loggers = [{"class_path": f"{RunCSVLogger.__module__}.{RunCSVLogger.__name__}"}]
+    for package in ("tensorboard", "tensorboardX"):  # what Lightning's TensorBoardLogger can write with
+        try:
+            __import__(package)
+        except ImportError:
+            continue
+        loggers.append({"class_path": f"{RunTensorBoardLogger.__module__}.{RunTensorBoardLogger.__name__}"})
+        break
+    return loggers

@@ -278,12 +278,3 @@ class FrozenBNModule(pl.LightningModule):
 
         cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
-
-
-def __getattr__(name: str) -> Any:
-    """``lightning_frozenbn.module.FrozenBNClassifier``, where configs and checkpoints of earlier versions name it."""
-    if name == "FrozenBNClassifier":
-        from lightning_frozenbn.classifier import FrozenBNClassifier
-
-        return FrozenBNClassifier
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

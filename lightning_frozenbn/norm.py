@@ -11,14 +11,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lightning_frozenbn.epilogue import unfuse_epilogues
-from lightning_frozenbn.fold import (
-    FoldedConv2d,
-    FoldedFrozenBatchNorm2d,
-    FoldedFrozenBatchNormAct2d,
-    fold_frozen_batchnorm,
-    frozen_affine,
-    unfold_frozen_batchnorm,
-)
+from lightning_frozenbn.fold import unfold_frozen_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +20,6 @@ __all__ = [
     "calibrate_bn",
     "convert_frozen_batchnorm",
     "to_batchnorm",
-    # re-exported from lightning_frozenbn.fold, where they live
-    "FoldedConv2d",
-    "FoldedFrozenBatchNorm2d",
-    "FoldedFrozenBatchNormAct2d",
-    "fold_frozen_batchnorm",
-    "frozen_affine",
-    "unfold_frozen_batchnorm",
 ]
 
 

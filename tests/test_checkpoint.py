@@ -146,9 +146,11 @@ def _old(name, tmp_path):
     return str(tmp_path / name)
 
 
-def _old_checkpoint(name, model_class, tmp_path):
+def _old_checkpoint(name, model_class, tmp_path, class_path=None):
     saved = torch.load(FIXTURES / name, weights_only=True)
     hparams = {k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")}
+    if class_path is not None:  # as a still earlier version recorded it
+        saved["hyper_parameters"]["_class_path"] = class_path
     saved["state_dict"] = model_class(**hparams).state_dict()
     path = tmp_path / "old-last.ckpt"
     torch.save(saved, path)
@@ -175,7 +177,7 @@ def test_a_run_config_written_by_an_earlier_version_still_fits(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["quickstart", "detection"])
+@pytest.mark.parametrize("kind", ["quickstart", "quickstart-before-074b116", "detection"])
 def test_a_checkpoint_written_by_an_earlier_version_predicts_with_the_label_set_it_recorded(kind, tmp_path):
     import csv
     import json
@@ -184,8 +186,11 @@ def test_a_checkpoint_written_by_an_earlier_version_predicts_with_the_label_set_
     from lightning_frozenbn.checkpoint import read_record
     from lightning_frozenbn.cli import detect_main, main
 
+    # before 074b116 (2026-11-28) the classifier lived in lightning_frozenbn.module, and checkpoints name it there
+    moved = "lightning_frozenbn.module.FrozenBNClassifier" if kind.endswith("074b116") else None
+    kind = kind.split("-")[0]
     model_class, run = (FrozenBNClassifier, main) if kind == "quickstart" else (FrozenBNDetector, detect_main)
-    ckpt = _old_checkpoint(f"{kind}-last-without-tensors.pt", model_class, tmp_path)
+    ckpt = _old_checkpoint(f"{kind}-last-without-tensors.pt", model_class, tmp_path, moved)
     record = read_record(ckpt)
     digits = [str(d) for d in range(10)]
     assert record["class_names"] == digits and record["epoch"] == 0 and record["csv_version"] == 0
