@@ -36,9 +36,8 @@ from lightning_frozenbn.loggers import RunCSVLogger, RunTensorBoardLogger
 from lightning_frozenbn.module import FrozenBNModule
 from lightning_frozenbn.norm import StatsFrozenBatchNorm2d, calibrate_bn, convert_frozen_batchnorm, to_batchnorm
 from lightning_frozenbn.parser import ConciseErrorsParser
+from lightning_frozenbn.version import __version__ as __version__
 from lightning_frozenbn.writers import CocoResultsWriter, PredictionWriter
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ARCHS",

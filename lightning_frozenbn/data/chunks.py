@@ -15,6 +15,7 @@ import torch
 from lightning_frozenbn.data.contract import ChunkEntry, LabelledDataModule
 from lightning_frozenbn.data.location import LOCK, Location, WriterLock
 from lightning_frozenbn.errors import DataError
+from lightning_frozenbn.version import __version__
 
 __all__ = ["FORMAT", "MANIFEST", "check_chunks", "main", "optimize_data", "read_manifest", "require_litdata"]
 
@@ -180,7 +181,6 @@ def optimize_data(
     location = Location(str(output_dir))
     location.check_reachable()
     description, entries = _describe(data, splits)
-    from lightning_frozenbn import __version__  # lazily: the package imports this module
 
     spec = {
         "format": FORMAT,
