@@ -12,7 +12,7 @@ from lightning_frozenbn.data import (
     StreamingCocoDataModule,
     StreamingImageDataModule,
 )
-from lightning_frozenbn.detection import FrozenBNDetector
+from lightning_frozenbn.detection import FrozenBNDetector, FrozenBNFPNDetector
 from lightning_frozenbn.ema import FrozenEMA
 from lightning_frozenbn.epilogue import fuse_epilogues
 from lightning_frozenbn.errors import (
@@ -55,6 +55,7 @@ __all__ = [
     "FoldedFrozenBatchNormAct2d",
     "FrozenBNClassifier",
     "FrozenBNDetector",
+    "FrozenBNFPNDetector",
     "FrozenBNModule",
     "FrozenEMA",
     "FrozenModuleGuard",

@@ -69,14 +69,25 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, resnet: torchvision.models.ResNet) -> None:
         super().__init__()
-        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
-        self.layer1, self.layer2, self.layer3 = resnet.layer1, resnet.layer2, resnet.layer3
+        self.conv1 = resnet.conv1
+        self.bn1 = resnet.bn1
+        self.relu = resnet.relu
+        self.maxpool = resnet.maxpool
+        self.layer1 = resnet.layer1
+        self.layer2 = resnet.layer2
+        self.layer3 = resnet.layer3
         self.out_channels: int = resnet.fc.in_features // 2
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the C4 feature map, shape ``(N, out_channels, H/16, W/16)``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """Return C2, C3 and C4 (strides 4, 8, 16): the maps a feature pyramid takes, with layer4's C5."""
+        c2 = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+        c3 = self.layer2(c2)
+        return [c2, c3, self.layer3(c3)]
 
 
 class ResNetHead(nn.Module):

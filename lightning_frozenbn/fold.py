@@ -59,7 +59,8 @@ class FoldedFrozenBatchNormAct2d(FoldedFrozenBatchNorm2d):
 
     def __init__(self, source: nn.Module) -> None:
         super().__init__(source.weight.shape[0], source.eps)
-        self.drop, self.act = source.drop, source.act
+        self.drop = source.drop
+        self.act = source.act
         object.__setattr__(self, "_source_type", copy.deepcopy(source))  # a template, to unfold into
 
     def forward(self, x: Tensor) -> Tensor:

@@ -97,8 +97,25 @@ class FrozenBNModule(pl.LightningModule):
             ) from err
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.backbone, self.head = build_resnet(arch, weights, norm, freeze_at, fold, head_pool, fused_epilogue)
+        self.backbone, self.head = self.build_trunk(arch, weights, norm, freeze_at, fold, head_pool, fused_epilogue)
         self._compiled = False
+
+    def build_trunk(
+        self,
+        arch: str,
+        weights: str | None,
+        norm: Norm,
+        freeze_at: int,
+        fold: bool,
+        head_pool: Literal["avg", "max"],
+        fused_epilogue: bool,
+    ) -> tuple[nn.Module, nn.Module]:
+        """The frozen-BN ResNet as ``(backbone, head)`` (:func:`~lightning_frozenbn.backbone.build_resnet`).
+
+        Override where the trunk's weights come from elsewhere (the FPN detector loads a whole
+        detector's checkpoint, and folds after loading it).
+        """
+        return build_resnet(arch, weights, norm, freeze_at, fold, head_pool, fused_epilogue)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters only, in a backbone group and a head group (for ``backbone_lr_mult``)."""

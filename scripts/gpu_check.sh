@@ -13,7 +13,7 @@ export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 nproc | sed 's/^/cpu cores: /' | tee -a "$out/gpu.txt"
 "$py" -c "import torch, torchvision, lightning; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'lightning', lightning.__version__)" | tee -a "$out/gpu.txt"
-timeout "${TEST_TIMEOUT:-100}" "$py" -m pytest tests/test_data.py tests/test_norm.py tests/test_fold.py tests/test_epilogue.py tests/test_dali.py tests/test_benchmark.py tests/test_module.py \
+timeout "${TEST_TIMEOUT:-100}" "$py" -m pytest tests/data/test_folder.py tests/test_norm.py tests/test_fold.py tests/test_epilogue.py tests/data/test_dali.py tests/test_benchmark.py tests/test_module.py \
   -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/tests.log"
 timeout "${BENCH_TIMEOUT:-460}" "$py" scripts/benchmark.py --device cuda --output "$out/benchmark.json" "$@" 2>&1 \
   | grep --line-buffered -v -E "Warning|warn\(|^\s*$|litlogger|available:|LeafSpec|stopped: .max_steps" | tee "$out/benchmark.log"

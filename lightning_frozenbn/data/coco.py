@@ -117,7 +117,9 @@ class _CocoSplit(Dataset):
             self.coco.createIndex()
         self.ids = sorted(self.coco.imgs.keys())
         self.root = images
-        self.label_of, self.train, self.extra_keys = label_of, train, extra_keys
+        self.label_of = label_of
+        self.train = train
+        self.extra_keys = extra_keys
         self.flip = v2.RandomHorizontalFlip() if train and hflip else None
 
     def __len__(self) -> int:

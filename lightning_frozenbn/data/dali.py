@@ -38,7 +38,7 @@ class DaliTransform:
     ``RandomResizedCrop`` does, then a resize to ``image_size`` and an optional flip. Evaluation: the
     shorter side resized to ``eval_resize`` with the longer side computed as torchvision's ``Resize``
     computes it (integer sizes, no sub-pixel scale) and the centre crop at torchvision's offsets, so
-    the crop matches the uint8 path within one intensity level (``tests/test_dali.py``). EXIF
+    the crop matches the uint8 path within one intensity level (``tests/data/test_dali.py``). EXIF
     orientation is ignored, as on the other paths. Normalised with the ImageNet statistics.
     """
 
@@ -158,10 +158,18 @@ class DaliLoader:
         channels_last: bool = False,
     ) -> None:
         require_dali()
-        self.files, self.labels, self.transform, self.train = list(files), list(labels), transform, train
+        self.files = list(files)
+        self.labels = list(labels)
+        self.transform = transform
+        self.train = train
         self.augment = train if augment is None else augment
-        self.batch_size, self.num_threads, self.device_id = batch_size, max(1, num_threads), device_id
-        self.rank, self.world_size, self.seed, self.channels_last = rank, world_size, seed, channels_last
+        self.batch_size = batch_size
+        self.num_threads = max(1, num_threads)
+        self.device_id = device_id
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.channels_last = channels_last
         self.sampler = EpochShuffleSampler(len(self.files), seed)
         self.batch_sampler = None  # Lightning reads both attributes of anything with a sampler
 

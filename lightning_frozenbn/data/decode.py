@@ -159,7 +159,10 @@ class EncodedLoader:
     def __init__(
         self, image_size: int, train: bool, min_scale: float = 0.08, hflip: bool = True, eval_resize: int | None = None
     ) -> None:
-        self.image_size, self.train, self.min_scale, self.hflip = image_size, train, min_scale, hflip
+        self.image_size = image_size
+        self.train = train
+        self.min_scale = min_scale
+        self.hflip = hflip
         self.eval_resize = round(image_size / 0.875) if eval_resize is None else eval_resize
 
     def __call__(self, path: str) -> tuple[Tensor, Tensor, str]:

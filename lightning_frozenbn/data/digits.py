@@ -75,7 +75,8 @@ class DigitsDataModule(ImageFolderDataModule):
         )
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction={val_fraction!r} is invalid: expected a fraction in (0, 1), e.g. 0.2.")
-        self.val_fraction, self.seed = val_fraction, seed
+        self.val_fraction = val_fraction
+        self.seed = seed
 
     @property
     def num_classes(self) -> int:
@@ -164,8 +165,12 @@ class DigitsDetectionDataModule(CocoDetectionDataModule):
             raise DataError(f"digits_per_image={tuple(digits_per_image)!r} must satisfy 1 <= min <= max.")
         if not 0 < val_fraction < 1 or num_train < 1 or num_val < 1:
             raise DataError("val_fraction must be in (0, 1) and num_train, num_val >= 1.")
-        self.root, self.canvas_size, self.digit_size = root, canvas_size, (lo, hi)
-        self.digits_per_image, self.num_train, self.num_val = tuple(digits_per_image), num_train, num_val
+        self.root = root
+        self.canvas_size = canvas_size
+        self.digit_size = (lo, hi)
+        self.digits_per_image = tuple(digits_per_image)
+        self.num_train = num_train
+        self.num_val = num_val
         self.val_fraction = val_fraction
 
     def source_categories(self) -> list[dict[str, Any]]:

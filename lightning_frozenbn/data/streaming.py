@@ -32,7 +32,8 @@ class _ImageItem:
     """A classification item as the folder path gives it, plus the sample's index in its split."""
 
     def __init__(self, decoding: WorkerDecoding, transform: Any) -> None:
-        self.decoding, self.transform = decoding, transform
+        self.decoding = decoding
+        self.transform = transform
 
     def __call__(self, item: dict[str, Any]) -> tuple[Any, int, int]:
         image = self.transform(self.decoding.decode_bytes(item["image"], item["name"]))
@@ -163,7 +164,9 @@ class _CocoItem:
     """A detection item as :class:`CocoDetectionDataModule` gives it, from the stored COCO record."""
 
     def __init__(self, label_of: dict[int, int], train: bool, hflip: bool, extra_keys: list[str]) -> None:
-        self.label_of, self.train, self.extra_keys = label_of, train, extra_keys
+        self.label_of = label_of
+        self.train = train
+        self.extra_keys = extra_keys
         self.flip = v2.RandomHorizontalFlip() if train and hflip else None
 
     def __call__(self, item: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -146,7 +146,8 @@ class FrozenModuleGuard(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer, self._training_started = trainer, True
+        self._trainer = trainer
+        self._training_started = True
         again = train_released_again(pl_module, self._released, trainer.optimizers)
         if again:
             rank_zero_info(released_again_line(again))

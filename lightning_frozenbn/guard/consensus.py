@@ -24,7 +24,9 @@ class Consensus:
     """
 
     def __init__(self, strategy: Strategy, rank: int, world_size: int) -> None:
-        self.strategy, self.rank, self.world_size = strategy, rank, world_size
+        self.strategy = strategy
+        self.rank = rank
+        self.world_size = world_size
 
     @property
     def _distributed(self) -> bool:

@@ -1,4 +1,4 @@
-"""FrozenBNDetector: Faster R-CNN C4 assembled from torchvision's parts around the frozen-BN backbone and head."""
+"""FrozenBNDetector: Faster R-CNN C4 from torchvision's parts around the frozen-BN trunk (the FPN one's base)."""
 
 from __future__ import annotations
 
@@ -214,11 +214,9 @@ class FrozenBNDetector(FrozenBNModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.transform = self.build_transform()
         self.rpn = self.build_rpn()
-        # The box head (self.head, layer4) is called by forward_roi, not by RoIHeads: box_head is a placeholder
-        # so layer4 is registered once, under ``head.`` as in the classifier (its weights load either way).
         self.roi_heads = RoIHeads(
             self.build_roi_pool(),
-            nn.Identity(),
+            self.build_box_head(),
             self.build_box_predictor(),
             fg_iou_thresh=0.5,
             bg_iou_thresh=0.5,
@@ -259,6 +257,17 @@ class FrozenBNDetector(FrozenBNModule):
         """RoIAlign of each region from the C4 map (``roi_output_size``, stride 16)."""
         return MultiScaleRoIAlign(["0"], self.hparams.roi_output_size, self.hparams.roi_sampling_ratio)
 
+    def build_box_head(self) -> nn.Module:
+        """RoIHeads' box head: a placeholder here, because :meth:`forward_box_features` runs layer4 (``self.head``).
+
+        So layer4 is registered once, under ``head.`` as in the classifier (its weights load either way).
+        """
+        return nn.Identity()
+
+    def box_embedding_size(self) -> int:
+        """The width of :meth:`forward_box_features`' embedding, the box predictor's input."""
+        return self.head.out_channels
+
     def build_box_predictor(self) -> nn.Module:
         """Class scores and box deltas from the box head's embedding, Detectron's initialisation.
 
@@ -266,15 +275,15 @@ class FrozenBNDetector(FrozenBNModule):
         pretrained head's features (tens, on a digits backbone), and the first steps then spend
         themselves undoing them (torchvision starts from COCO weights, never from here).
         """
-        predictor = FastRCNNPredictor(self.head.out_channels, self.hparams.num_classes + 1)
+        predictor = FastRCNNPredictor(self.box_embedding_size(), self.hparams.num_classes + 1)
         nn.init.normal_(predictor.cls_score.weight, std=0.01)
         nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
         nn.init.zeros_(predictor.cls_score.bias), nn.init.zeros_(predictor.bbox_pred.bias)
         return predictor
 
     # ---- the parts research code overrides -------------------------------------------------
-    def forward_backbone(self, images: Tensor) -> Tensor:
-        """The C4 feature map of the batched, normalised images."""
+    def forward_backbone(self, images: Tensor) -> Tensor | dict[str, Tensor]:
+        """The C4 feature map of the batched, normalised images (a detector with several maps: them, by name)."""
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(images)
@@ -345,7 +354,8 @@ class FrozenBNDetector(FrozenBNModule):
         images = [self._pad_thin(img) for img in images]
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         batch, targets = self.transform(images, targets)
-        features = OrderedDict([("0", self.forward_backbone(batch.tensors))])
+        features = self.forward_backbone(batch.tensors)
+        features = features if isinstance(features, dict) else OrderedDict([("0", features)])
         proposals, rpn_losses = self.rpn(batch, features, targets)
         detections, roi_losses = self.forward_roi(features, proposals, batch.image_sizes, targets)
         if self.training:
