@@ -32,6 +32,7 @@ __all__ = [
     "ResNetHead",
     "WeightsMismatchError",
     "build_resnet",
+    "key_mismatch",
     "load_trunk_state_dict",
     "read_weights_file",
 ]
@@ -176,6 +177,26 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
     return obj
 
 
+def key_mismatch(expected: dict[str, Tensor], state: dict[str, Tensor], ignore: tuple[str, ...] = ()) -> str:
+    """What keeps ``state`` from loading into a model whose state is ``expected``: counts and names, or "".
+
+    ``ignore``: expected keys that may be absent (they keep the model's values).
+    """
+    missing = [k for k in expected if k not in state and k not in ignore]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if keys:
+            more = f" ... and {len(keys) - 5} more" if len(keys) > 5 else ""
+            parts.append(f"{len(keys)} {label}: {', '.join(keys[:5])}{more}")
+    return "; ".join(parts)
+
+
 def load_trunk_state_dict(trunk: nn.Module, state: dict[str, Tensor], source: str, arch: str) -> None:
     """Load a torchvision ResNet state dict into ``trunk`` (a ResNet whose ``fc`` is removed).
 
@@ -190,22 +211,11 @@ def load_trunk_state_dict(trunk: nn.Module, state: dict[str, Tensor], source: st
     for key, value in expected.items():
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros_like(value)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-            if keys:
-                more = f" ... and {len(keys) - 5} more" if len(keys) > 5 else ""
-                parts.append(f"{len(keys)} {label}: {', '.join(keys[:5])}{more}")
+    problems = key_mismatch(expected, state)
+    if problems:
         raise WeightsMismatchError(
-            f"Weights {source} do not fit arch={arch!r}: " + "; ".join(parts) + ". Check that `arch` "
-            "names the architecture the file was saved from."
+            f"Weights {source} do not fit arch={arch!r}: {problems}. Check that `arch` names the architecture "
+            "the file was saved from."
         )
     trunk.load_state_dict(state, strict=True)
 

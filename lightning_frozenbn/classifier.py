@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_frozenbn.backbone import Norm
-from lightning_frozenbn.module import FrozenBNModule, default_optimizer
+from lightning_frozenbn.module import FrozenBNModule
 from lightning_frozenbn.norm import to_batchnorm
 
 __all__ = ["FrozenBNClassifier"]
@@ -29,92 +27,22 @@ class FrozenBNClassifier(FrozenBNModule):
 
     Args:
         num_classes: number of classes; LightningCLI links it from the data module.
-        arch: torchvision ResNet name, see :data:`lightning_frozenbn.ARCHS`.
-        weights: None, a torchvision weight name ("DEFAULT", "IMAGENET1K_V2", ...) or a local file.
-        norm: BN policy: "frozen", "eval", "train" or "sync" (see :func:`build_resnet`).
-        freeze_at: detectron2's freeze_at, 0..5; 2 freezes the stem and layer1.
-        fold: fold frozen BN into the preceding convolutions (same function, faster, less memory).
-        compile: ``torch.compile`` the backbone and head in place (state-dict keys unchanged). Off by
-            default: it pays on GPU, rarely on CPU.
-        channels_last: run the network in channels_last memory format (faster on tensor-core GPUs).
-        backbone_lr_mult: the backbone's learning rate is the optimizer's times this factor
-            (e.g. 0.1: a pretrained backbone moves slower than the freshly initialised head).
         label_smoothing: cross-entropy label smoothing.
-        calibrate_bn: before training, re-estimate the frozen BN statistics on this many training
-            batches (0 = keep the loaded statistics). Use it when the data is far from ImageNet or the
-            weights are random. Skipped when resuming: the statistics come from the checkpoint.
-        check_finite: stop training with a clear error at the first NaN/inf loss (all ranks). True
-            checks every step before the backward pass (the weights stay clean), which reads the loss
-            on the host: a device sync per step. "deferred" checks each step's loss at the next step
-            (and before any checkpoint is saved) so the GPU queue never drains; the weights then
-            already carry the bad step when it stops. False turns the check off.
-        optimizer: optimizer factory, set in YAML as ``optimizer: {class_path: torch.optim.AdamW, ...}``.
-        scheduler: LR scheduler factory; None means cosine decay to 0 over the whole run, per step.
-        scheduler_interval: when a scheduler given in ``scheduler`` steps: "epoch" or "step"
-            (OneCycleLR and other per-iteration schedules want "step").
-        scheduler_frequency: step the scheduler every this many intervals.
-        scheduler_monitor: the logged metric a ReduceLROnPlateau scheduler watches (default
-            ``val/loss``); ignored by other schedulers.
-        warmup_steps: linear warmup from 0 over this many steps before the default cosine decay.
-        no_decay_norm_bias: no weight decay on biases and normalisation parameters (one-dimensional
-            tensors), the fine-tuning convention of timm and detectron2.
-        fused_epilogue: with ``fold``, run each block's folded shift, residual add and ReLU in cuDNN's
-            convolution epilogue on CUDA (same function; false turns it off; see ``docs/performance.md``).
+        **kwargs: the arguments every task shares (``arch``, ``weights``, ``norm``, ``freeze_at``, ``fold``,
+            the optimizer and scheduler, ...), documented on :class:`~lightning_frozenbn.module.FrozenBNModule`.
     """
 
     #: the console command for this kind of model (named when a checkpoint of the other kind is given)
     command: ClassVar[str] = "lightning-frozenbn"
 
-    def __init__(
-        self,
-        num_classes: int,
-        arch: str = "resnet50",
-        weights: str | None = None,
-        norm: Norm = "frozen",
-        freeze_at: int = 2,
-        fold: bool = True,
-        compile: bool = False,
-        channels_last: bool = False,
-        backbone_lr_mult: float = 1.0,
-        label_smoothing: float = 0.0,
-        calibrate_bn: int = 0,
-        check_finite: bool | Literal["deferred"] = True,
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Literal["epoch", "step"] = "epoch",
-        scheduler_frequency: int = 1,
-        scheduler_monitor: str = "val/loss",
-        warmup_steps: int = 0,
-        no_decay_norm_bias: bool = False,
-        fused_epilogue: bool = True,
-    ) -> None:
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0, **kwargs: Any) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(
                 f"num_classes={num_classes!r} is invalid: expected an integer >= 2 (the number of class "
                 "folders in your data; a classifier needs two). With the CLI it is taken from the data module; "
                 "do not set it twice."
             )
-        super().__init__(
-            arch=arch,
-            weights=weights,
-            norm=norm,
-            freeze_at=freeze_at,
-            fold=fold,
-            fused_epilogue=fused_epilogue,
-            compile=compile,
-            channels_last=channels_last,
-            backbone_lr_mult=backbone_lr_mult,
-            calibrate_bn=calibrate_bn,
-            check_finite=check_finite,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scheduler_interval=scheduler_interval,
-            scheduler_frequency=scheduler_frequency,
-            scheduler_monitor=scheduler_monitor,
-            warmup_steps=warmup_steps,
-            no_decay_norm_bias=no_decay_norm_bias,
-        )
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        super().__init__(**kwargs)
         self.classifier = nn.Linear(self.head.out_channels, num_classes)
         metric_ks = (1, 5) if num_classes >= 5 else (1,)
         self.val_acc = nn.ModuleDict(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import pydoc
 import sys
@@ -31,7 +30,7 @@ from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.errors import FrozenStateViolation, InputError
 from lightning_frozenbn.guard import FrozenModuleGuard
 from lightning_frozenbn.loggers import RUN_LOGGERS, RunCSVLogger, default_logger_entries
-from lightning_frozenbn.parser import ConciseErrorsParser
+from lightning_frozenbn.parser import ConciseErrorsParser, init_arguments
 from lightning_frozenbn.writers import CocoResultsWriter, PredictionWriter
 
 __all__ = ["DetectionCLI", "FrozenBNCLI", "detect_main", "main"]
@@ -288,34 +287,13 @@ def _checkpoint_folder(dirpath: str | None, root: str | None) -> str:
     return os.path.realpath(os.path.expanduser(str(folder)))
 
 
-def _init_defaults(cls: type) -> dict[str, Any]:
-    """Each ``__init__`` argument's default, read across the class hierarchy.
-
-    A subclass written as ``def __init__(self, num_classes, embed_dim=256, **kwargs)`` passes the base's
-    arguments through ``**kwargs`` (jsonargparse resolves them from the base), so its own signature alone
-    does not list them: the bases are read until a signature without ``**kwargs``.
-    """
-    defaults: dict[str, Any] = {}
-    for klass in cls.__mro__:
-        init = vars(klass).get("__init__")
-        if init is None:
-            continue
-        parameters = list(inspect.signature(init).parameters.values())[1:]  # without self
-        for p in parameters:
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                defaults.setdefault(p.name, p.default)
-        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
-            break
-    return defaults
-
-
 def _run_settings_given(model: Any, default_class: type) -> dict[str, Any]:
     """The model's ``run_settings`` the command line or config set to something other than their default."""
     if model is None or model.get("init_args") is None:
         return {}
     cls = pydoc.locate(str(model.get("class_path"))) if model.get("class_path") else default_class
     cls = cls if isinstance(cls, type) else default_class
-    defaults = _init_defaults(cls)
+    defaults = init_arguments(cls)
     return {
         key: model.init_args[key]
         for key in sorted(getattr(cls, "run_settings", ()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -37,8 +38,41 @@ class FrozenBNModule(pl.LightningModule):
     from the run's seed, epoch, batch and rank, so a fit resumed with ``--ckpt_path`` draws what the
     uninterrupted fit draws, e.g. the detector's sampled regions). A task adds its
     layers, ``forward``, ``training_step`` (calling :meth:`check_loss_finite`) and evaluation steps, as
-    :class:`FrozenBNClassifier` and :class:`~lightning_frozenbn.FrozenBNDetector` do. The arguments are
-    documented on those classes.
+    :class:`FrozenBNClassifier` and :class:`~lightning_frozenbn.FrozenBNDetector` do, passing these
+    arguments through ``**kwargs`` (jsonargparse reads them from here, so a task lists only its own).
+
+    Args:
+        arch: torchvision ResNet name, see :data:`lightning_frozenbn.ARCHS`.
+        weights: None, a torchvision weight name ("DEFAULT", "IMAGENET1K_V2", ...) or a local file.
+        norm: BN policy: "frozen", "eval", "train" or "sync" (see :func:`build_resnet`).
+        freeze_at: detectron2's freeze_at, 0..5; 2 freezes the stem and layer1.
+        fold: fold frozen BN into the preceding convolutions (same function, faster, less memory).
+        compile: ``torch.compile`` the backbone and head in place (state-dict keys unchanged). Off by
+            default: it pays on GPU, rarely on CPU.
+        channels_last: run the network in channels_last memory format (faster on tensor-core GPUs).
+        backbone_lr_mult: the backbone's learning rate is the optimizer's times this factor
+            (e.g. 0.1: a pretrained backbone moves slower than the freshly initialised head).
+        calibrate_bn: before training, re-estimate the frozen BN statistics on this many training
+            batches (0 = keep the loaded statistics). Use it when the data is far from ImageNet or the
+            weights are random. Skipped when resuming: the statistics come from the checkpoint.
+        check_finite: stop training with a clear error at the first NaN/inf loss (all ranks). True
+            checks every step before the backward pass (the weights stay clean), which reads the loss
+            on the host: a device sync per step. "deferred" checks each step's loss at the next step
+            (and before any checkpoint is saved) so the GPU queue never drains; the weights then
+            already carry the bad step when it stops. False turns the check off.
+        optimizer: optimizer factory, set in YAML as ``optimizer: {class_path: torch.optim.AdamW, ...}``.
+        scheduler: LR scheduler factory; None means cosine decay to 0 over the whole run, per step.
+        scheduler_interval: when a scheduler given in ``scheduler`` steps: "epoch" or "step"
+            (OneCycleLR and other per-iteration schedules want "step").
+        scheduler_frequency: step the scheduler every this many intervals.
+        scheduler_monitor: the logged metric a ReduceLROnPlateau scheduler watches (the classifier's
+            default ``val/loss``, the detector's ``val/map``); ignored by other schedulers.
+        warmup_steps: linear warmup from 0 over this many steps before the default cosine decay.
+        no_decay_norm_bias: no weight decay on biases and normalisation parameters (one-dimensional
+            tensors), the fine-tuning convention of timm and detectron2.
+        fused_epilogue: with ``fold``, run each block's folded shift, residual add and ReLU in cuDNN's
+            convolution epilogue on CUDA (same function; false turns it off; see ``docs/performance.md``).
+        head_pool: pooling of layer4's output: "avg" (torchvision, Detectron) or "max" (the person-search heads).
     """
 
     _pending_finite: tuple[Tensor, Any, Tensor, str] | None = None  # the last step's check (check_finite="deferred")
@@ -73,6 +107,9 @@ class FrozenBNModule(pl.LightningModule):
         fused_epilogue: bool = True,
     ) -> None:
         super().__init__()
+        # Every __init__ argument of the task's class hierarchy (Lightning walks the calling __init__ frames),
+        # so the task subclasses list only their own arguments and pass these through **kwargs.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self._step_seed_base: int | None = None  # see on_train_batch_start; kept in the checkpoint
         if not backbone_lr_mult >= 0:
             raise ValueError(f"backbone_lr_mult={backbone_lr_mult!r} must be >= 0 (1.0 = same LR as the head).")
@@ -247,6 +284,19 @@ class FrozenBNModule(pl.LightningModule):
         if self._step_seed_base is not None:
             checkpoint["step_seed_base"] = self._step_seed_base
         write_record(checkpoint, self.trainer.datamodule if self._trainer is not None else None)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: D417
+        """Lightning's, but a checkpoint of the other kind of model is refused before one is built from it.
+
+        Why before: the tasks take the shared arguments through ``**kwargs``, so Lightning hands them every
+        saved hyperparameter, and a classifier's ``label_smoothing`` would fail the detector's constructor
+        with a TypeError instead of the message naming the command for that checkpoint.
+        """
+        if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_file():
+            saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+            check_checkpoint_kind(saved_model_class(saved), cls, str(checkpoint_path))
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of the other kind of model; say which file and epoch a run resumes from."""

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, NoReturn
 from lightning.pytorch.cli import LightningArgumentParser
 from typing_extensions import override
 
-__all__ = ["ConciseErrorsParser"]
+__all__ = ["ConciseErrorsParser", "init_arguments"]
 
 
 class ConciseErrorsParser(LightningArgumentParser):
@@ -66,6 +66,27 @@ class ConciseErrorsParser(LightningArgumentParser):
         (file or sys.stdout).write(f"usage: {self.prog} [options]\n")
 
 
+def init_arguments(cls: type) -> dict[str, Any]:
+    """Each ``__init__`` argument's default, read across the class hierarchy.
+
+    A subclass written as ``def __init__(self, num_classes, embed_dim=256, **kwargs)`` passes the base's
+    arguments through ``**kwargs`` (jsonargparse resolves them from the base), so its own signature alone
+    does not list them: the bases are read until a signature without ``**kwargs``.
+    """
+    defaults: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        parameters = list(inspect.signature(init).parameters.values())[1:]  # without self
+        for p in parameters:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                defaults.setdefault(p.name, p.default)
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return defaults
+
+
 _UNION = "Does not validate against any of the Union subtypes"
 
 
@@ -102,7 +123,7 @@ def _concise(message: str) -> str:
     unknown = re.fullmatch(r"Option '([^']+)' is not accepted", text)
     cls = pydoc.locate(owner.group(1)) if owner and unknown else None
     if unknown and isinstance(cls, type):
-        close = difflib.get_close_matches(unknown.group(1), list(inspect.signature(cls).parameters), n=1)
+        close = difflib.get_close_matches(unknown.group(1), list(init_arguments(cls)), n=1)
         text += f". Did you mean {close[0]!r}?" if close else f". See `{cls.__name__}`'s arguments in --help."
     where = f" ({owner.group(1)})" if owner else ""
     return _readable(f"{'.'.join(keys)}{where}: {text}" if keys else text)

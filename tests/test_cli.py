@@ -16,7 +16,12 @@ from lightning_frozenbn.cli import detect_main, main
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 OVERLAYS = {"ddp.yaml", "multinode.yaml", "reduce_on_plateau.yaml", "ema.yaml", "streaming.yaml"}
-DETECTION = {"detection_quickstart.yaml", "fasterrcnn_c4_finetune.yaml"}  # read by lightning-frozenbn-detect
+DETECTION = {  # read by lightning-frozenbn-detect
+    "detection_quickstart.yaml",
+    "detection_fpn_quickstart.yaml",
+    "detection_fpn.yaml",
+    "fasterrcnn_c4_finetune.yaml",
+}
 
 
 def cli(*args, cwd, timeout=300):
@@ -74,10 +79,13 @@ def test_every_config_parses(config, capsys):
     if name == "resnet50_finetune.yaml":
         assert "no_decay_norm_bias: true" in printed and "decode: tensor" in printed
     if name in DETECTION or config == "detection+ddp+multinode":
-        assert "class_path: lightning_frozenbn.FrozenBNDetector" in printed and "monitor: val/map" in printed
+        detector = "FrozenBNFPNDetector" if "fpn" in name else "FrozenBNDetector"
+        assert f"class_path: lightning_frozenbn.{detector}" in printed and "monitor: val/map" in printed
         assert "output: detections.json" in printed  # predict writes a COCO results file
     if config == "detection+ddp+multinode":
         assert "broadcast_buffers: false" in printed and "num_nodes: 2" in printed
+    if name == "detection_fpn.yaml":  # torchvision's COCO weights, with the eps they were trained with
+        assert "weights: FasterRCNN_ResNet50_FPN_Weights.COCO_V1" in printed and "bn_eps: null" in printed
 
 
 def quickstart_args(tmp_path, *extra):

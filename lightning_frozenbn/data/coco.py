@@ -150,7 +150,20 @@ class DetectionDataModule(LabelledDataModule):
     1..num_classes (0 is background) and the names are kept (:attr:`classes`); :attr:`category_ids`
     maps back for results files.
 
-    Args: see :class:`CocoDetectionDataModule`, which documents each.
+    Args:
+        predict_split: the split ``predict`` runs on ("val" or "test"); results keep its image ids.
+        predict_root: a folder of new, unannotated images (searched recursively) that ``predict`` runs
+            on instead of ``predict_split``; results name each file. No split is needed then.
+        categories: ``[{"id": ..., "name": ...}, ...]``, the model's label set. Default: the training
+            annotations' categories. The CLI sets it from the checkpoint with ``--ckpt_path`` (fit records
+            it), so ``predict`` on new images needs no annotation file on that machine.
+        batch_size: images per device per step.
+        num_workers: DataLoader worker processes.
+        hflip: random horizontal flips in training (turn off where flipping changes the class).
+        pin_memory: pin host memory (default: when CUDA is available).
+        seed: seed of the per-epoch shuffle (the order survives a resume).
+        extra_keys: per-annotation integer fields carried into the targets (e.g. ``["identity"]`` for
+            re-identification; -1 where an annotation lacks it).
     """
 
     task: ClassVar[str] = "detection"
@@ -295,19 +308,8 @@ class CocoDetectionDataModule(DetectionDataModule):
         train_images, train_annotations: the training image folder and COCO JSON.
         val_images, val_annotations: the validation split (mAP is computed on it).
         test_images, test_annotations: an optional test split (``test``, or ``predict_split: test``).
-        predict_split: the split ``predict`` runs on ("val" or "test"); results keep its image ids.
-        predict_root: a folder of new, unannotated images (searched recursively) that ``predict`` runs
-            on instead of ``predict_split``; results name each file. No split is needed then.
-        categories: ``[{"id": ..., "name": ...}, ...]``, the model's label set. Default: the training
-            annotations' categories. The CLI sets it from the checkpoint with ``--ckpt_path`` (fit records
-            it), so ``predict`` on new images needs no annotation file on that machine.
-        batch_size: images per device per step.
-        num_workers: DataLoader worker processes.
-        hflip: random horizontal flips in training (turn off where flipping changes the class).
-        pin_memory: pin host memory (default: when CUDA is available).
-        seed: seed of the per-epoch shuffle (the order survives a resume).
-        extra_keys: per-annotation integer fields carried into the targets (e.g. ``["identity"]`` for
-            re-identification; -1 where an annotation lacks it).
+        **kwargs: the settings every detection module shares (``batch_size``, ``categories``,
+            ``predict_root``, ``extra_keys``, ...), documented on :class:`DetectionDataModule`.
     """
 
     def __init__(
@@ -318,27 +320,9 @@ class CocoDetectionDataModule(DetectionDataModule):
         val_annotations: str | Path | None = None,
         test_images: str | Path | None = None,
         test_annotations: str | Path | None = None,
-        predict_split: Literal["val", "test"] = "val",
-        batch_size: int = 2,
-        num_workers: int = 2,
-        hflip: bool = True,
-        pin_memory: bool | None = None,
-        seed: int = 0,
-        extra_keys: list[str] | None = None,
-        predict_root: str | Path | None = None,
-        categories: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            predict_split=predict_split,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            hflip=hflip,
-            pin_memory=pin_memory,
-            seed=seed,
-            extra_keys=extra_keys,
-            predict_root=predict_root,
-            categories=categories,
-        )
+        super().__init__(**kwargs)
         given = {"train": (train_images, train_annotations), "val": (val_images, val_annotations)}
         given["test"] = (test_images, test_annotations)
         for split, (images, json_file) in given.items():

@@ -15,7 +15,6 @@ from PIL import Image
 from torch import Tensor
 
 from lightning_frozenbn.data.coco import CocoDetectionDataModule
-from lightning_frozenbn.data.decoders import DecodeDevice, Decoder
 from lightning_frozenbn.data.folder import ImageFolderDataModule
 from lightning_frozenbn.errors import DataError
 
@@ -32,9 +31,12 @@ class DigitsDataModule(ImageFolderDataModule):
 
     Args:
         root: where to write the PNG tree (reused if complete).
+        image_size, batch_size, num_workers: as for any image module, with the quickstart's defaults.
+        min_scale, hflip: the training augmentation; no flips (a mirrored 2 is not a 2) and crops of at
+            least 60% of an 8x8 digit.
         val_fraction: share of each digit class held out for validation.
         seed: seed of the split and of the shuffle order.
-        **kwargs: the ImageFolderDataModule arguments.
+        **kwargs: the other image settings, documented on :class:`~lightning_frozenbn.data.images.ImageDataModule`.
     """
 
     def __init__(
@@ -45,16 +47,9 @@ class DigitsDataModule(ImageFolderDataModule):
         num_workers: int = 2,
         min_scale: float = 0.6,
         hflip: bool = False,
-        pin_memory: bool | None = None,
-        predict_split: str = "val",
-        augment: bool = True,
         val_fraction: float = 0.2,
         seed: int = 0,
-        decode: Decoder = "tensor",
-        decode_device: DecodeDevice = "cpu",
-        predict_root: str | Path | None = None,
-        class_names: list[str] | None = None,
-        eval_resize: int | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             root,
@@ -63,15 +58,8 @@ class DigitsDataModule(ImageFolderDataModule):
             num_workers=num_workers,
             min_scale=min_scale,
             hflip=hflip,
-            pin_memory=pin_memory,
-            predict_split=predict_split,
-            augment=augment,
             seed=seed,
-            decode=decode,
-            decode_device=decode_device,
-            predict_root=predict_root,
-            class_names=class_names,
-            eval_resize=eval_resize,
+            **kwargs,
         )
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction={val_fraction!r} is invalid: expected a fraction in (0, 1), e.g. 0.2.")

@@ -10,7 +10,6 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from lightning_frozenbn.data.contract import ChunkEntry
-from lightning_frozenbn.data.decoders import DecodeDevice, Decoder
 from lightning_frozenbn.data.image_files import visible_image, why_not_a_folder
 from lightning_frozenbn.data.images import ImageDataModule
 from lightning_frozenbn.errors import DataError
@@ -85,62 +84,12 @@ class ImageFolderDataModule(ImageDataModule):
 
     Args:
         root: dataset root holding the split folders.
-        image_size: crop size fed to the network.
-        batch_size: per-device batch size.
-        num_workers: DataLoader worker processes (persistent when > 0).
-        min_scale: smallest crop area fraction of RandomResizedCrop.
-        hflip: random horizontal flips for training (off for data where left/right matters, e.g. digits).
-        pin_memory: pin host memory; None = when CUDA is available.
-        predict_split: the split ``predict`` runs on.
-        augment: random crops/flips for training; off = the eval transform (exactly reproducible runs).
-        seed: seed of the per-epoch shuffle order (see :class:`~lightning_frozenbn.data.sampling.EpochShuffleSampler`).
-        decode: "tensor" (torchvision.io + uint8 transforms, normalised on the device) or "pil".
-        decode_device: a key of :data:`~lightning_frozenbn.data.decoders.DECODERS`: "cpu" (decode on the
-            workers), "cuda" (batched nvJPEG decode on the GPU) or "dali" (NVIDIA DALI pipelines).
-        predict_root: a folder of new, unlabelled images (searched recursively, no class folders) that
-            ``predict`` runs on instead of ``predict_split``.
-        eval_resize: the shorter side evaluation images are resized to before the centre crop. Default
-            ``round(image_size / 0.875)``; the CLI sets it from a torchvision weight's preset
-            (``IMAGENET1K_V2``: 232 for 224), see :func:`lightning_frozenbn.backbone.eval_resize_for`.
-        class_names: the class names in label order. Default: the train split's folder names. The CLI
-            sets them from the checkpoint given with ``--ckpt_path`` (stored there at fit time), so a
-            machine without the training data can still predict with named classes.
+        **kwargs: the image settings (``image_size``, ``batch_size``, ``decode``, ``decode_device``, ...),
+            documented on :class:`~lightning_frozenbn.data.images.ImageDataModule`.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        image_size: int = 224,
-        batch_size: int = 32,
-        num_workers: int = 4,
-        min_scale: float = 0.08,
-        hflip: bool = True,
-        pin_memory: bool | None = None,
-        predict_split: str = "val",
-        augment: bool = True,
-        seed: int = 0,
-        decode: Decoder = "tensor",
-        decode_device: DecodeDevice = "cpu",
-        predict_root: str | Path | None = None,
-        class_names: list[str] | None = None,
-        eval_resize: int | None = None,
-    ) -> None:
-        super().__init__(
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            min_scale=min_scale,
-            hflip=hflip,
-            pin_memory=pin_memory,
-            predict_split=predict_split,
-            augment=augment,
-            seed=seed,
-            decode=decode,
-            decode_device=decode_device,
-            predict_root=predict_root,
-            class_names=class_names,
-            eval_resize=eval_resize,
-        )
+    def __init__(self, root: str | Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.root = Path(root)
 
     @property

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 from lightning_frozenbn.data.chunk_source import ChunkSource
 from lightning_frozenbn.data.coco import DetectionDataModule, coco_target, collate_detection
 from lightning_frozenbn.data.decode import decode_stored
-from lightning_frozenbn.data.decoders import Decoder, WorkerDecoding
+from lightning_frozenbn.data.decoders import WorkerDecoding
 from lightning_frozenbn.data.images import ImageDataModule
 from lightning_frozenbn.errors import DataError
 
@@ -60,28 +60,18 @@ class StreamingImageDataModule(ImageDataModule):
         min_scale, hflip: the training augmentation; None = the settings of the data module the chunks were
             written from (recorded in the manifest), so switching a config to streaming keeps its augmentation.
         decode_device: only "cpu" (the GPU decode paths read files, not chunks).
-        other arguments: as :class:`~lightning_frozenbn.data.folder.ImageFolderDataModule`.
+        **kwargs: the other image settings, documented on :class:`~lightning_frozenbn.data.images.ImageDataModule`.
     """
 
     def __init__(
         self,
         root: str,
-        image_size: int = 224,
-        batch_size: int = 32,
-        num_workers: int = 4,
         min_scale: float | None = None,
         hflip: bool | None = None,
-        pin_memory: bool | None = None,
-        predict_split: str = "val",
-        augment: bool = True,
-        seed: int = 0,
-        decode: Decoder = "tensor",
         decode_device: Literal["cpu"] = "cpu",
-        predict_root: str | Path | None = None,
-        class_names: list[str] | None = None,
-        eval_resize: int | None = None,
         cache_dir: str | None = None,
         max_cache_size: str = "50GB",
+        **kwargs: Any,
     ) -> None:
         if decode_device != WorkerDecoding.name:
             raise DataError(
@@ -89,22 +79,12 @@ class StreamingImageDataModule(ImageDataModule):
                 "DataLoader workers ('cpu'). Use ImageFolderDataModule for GPU decoding of files."
             )
         super().__init__(
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
             min_scale=0.08 if min_scale is None else min_scale,
             hflip=True if hflip is None else hflip,
-            pin_memory=pin_memory,
-            predict_split=predict_split,
-            augment=augment,
-            seed=seed,
-            decode=decode,
             decode_device=WorkerDecoding.name,
-            predict_root=predict_root,
-            class_names=class_names,
-            eval_resize=eval_resize,
+            **kwargs,
         )
-        loader_args = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": self.pin_memory}
+        loader_args = {"batch_size": self.batch_size, "num_workers": self.num_workers, "pin_memory": self.pin_memory}
         self.chunks = ChunkSource(str(root), "classification", cache_dir, max_cache_size, loader_args)
         self._given = {"min_scale": min_scale, "hflip": hflip}
 
@@ -189,36 +169,19 @@ class StreamingCocoDataModule(DetectionDataModule):
         cache_dir: where chunks of a remote store are cached (default: litdata's).
         max_cache_size: the cache's size limit.
         hflip: random horizontal flips in training; None = as the data module the chunks were written from.
-        other arguments: as :class:`~lightning_frozenbn.data.coco.CocoDetectionDataModule`.
+        **kwargs: the other detection settings, documented on :class:`~lightning_frozenbn.data.coco.DetectionDataModule`.
     """
 
     def __init__(
         self,
         root: str,
-        predict_split: Literal["val", "test"] = "val",
-        batch_size: int = 2,
-        num_workers: int = 2,
         hflip: bool | None = None,
-        pin_memory: bool | None = None,
-        seed: int = 0,
-        extra_keys: list[str] | None = None,
-        predict_root: str | Path | None = None,
-        categories: list[dict[str, Any]] | None = None,
         cache_dir: str | None = None,
         max_cache_size: str = "50GB",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            predict_split=predict_split,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            hflip=hflip is not False,
-            pin_memory=pin_memory,
-            seed=seed,
-            extra_keys=extra_keys,
-            predict_root=predict_root,
-            categories=categories,
-        )
-        loader_args = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": self.pin_memory}
+        super().__init__(hflip=hflip is not False, **kwargs)
+        loader_args = {"batch_size": self.batch_size, "num_workers": self.num_workers, "pin_memory": self.pin_memory}
         self.chunks = ChunkSource(str(root), "detection", cache_dir, max_cache_size, loader_args)
         self._given_hflip = hflip
 

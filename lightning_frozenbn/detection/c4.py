@@ -8,7 +8,6 @@ from collections import OrderedDict
 from typing import Any, ClassVar, Literal, get_args
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -19,9 +18,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
-from lightning_frozenbn.backbone import IMAGENET_MEAN, IMAGENET_STD, Norm
+from lightning_frozenbn.backbone import IMAGENET_MEAN, IMAGENET_STD
 from lightning_frozenbn.metrics import OncePerImageMAP
-from lightning_frozenbn.module import FrozenBNModule, default_optimizer
+from lightning_frozenbn.module import FrozenBNModule
 
 __all__ = ["MAP_BACKENDS", "FrozenBNDetector"]
 
@@ -108,11 +107,6 @@ class FrozenBNDetector(FrozenBNModule):
 
     Args:
         num_classes: number of object classes, background excluded (the CLI links it from the data).
-        arch, weights, norm, freeze_at, fold, compile, channels_last, backbone_lr_mult, calibrate_bn,
-            check_finite, optimizer, scheduler, scheduler_interval, scheduler_frequency,
-            scheduler_monitor, warmup_steps, no_decay_norm_bias, fused_epilogue: as for
-            :class:`~lightning_frozenbn.FrozenBNClassifier`; ``weights`` may be a classifier checkpoint of
-            this package (its backbone and head are loaded, its classifier dropped).
         head_pool: pooling of the per-region layer4 output: "avg" (torchvision, Detectron) or "max"
             (the person-search heads).
         min_size: the shorter image side after resizing; a list picks one at random per image in
@@ -131,6 +125,11 @@ class FrozenBNDetector(FrozenBNModule):
         box_score_thresh, box_nms_thresh, box_detections_per_img: test-time post-processing.
         image_mean, image_std: normalisation of 0..1 images, that of the pretrained weights.
         map_backend: the COCO evaluation backend of torchmetrics' MeanAveragePrecision.
+        scheduler_monitor: the metric a ReduceLROnPlateau scheduler watches (here ``val/map``).
+        **kwargs: the arguments every task shares (``arch``, ``weights``, ``norm``, ``freeze_at``, ``fold``,
+            ``calibrate_bn``, the optimizer and scheduler, ...), documented on
+            :class:`~lightning_frozenbn.module.FrozenBNModule`; ``weights`` may also be a classifier
+            checkpoint of this package (its backbone and head are loaded, its classifier dropped).
     """
 
     #: the console command for this kind of model (named when a checkpoint of the other kind is given)
@@ -150,16 +149,6 @@ class FrozenBNDetector(FrozenBNModule):
     def __init__(
         self,
         num_classes: int,
-        arch: str = "resnet50",
-        weights: str | None = None,
-        norm: Norm = "frozen",
-        freeze_at: int = 2,
-        fold: bool = True,
-        compile: bool = False,
-        channels_last: bool = False,
-        backbone_lr_mult: float = 1.0,
-        calibrate_bn: int = 0,
-        check_finite: bool | Literal["deferred"] = True,
         head_pool: Literal["avg", "max"] = "avg",
         min_size: int | list[int] = 800,
         max_size: int = 1333,
@@ -180,38 +169,11 @@ class FrozenBNDetector(FrozenBNModule):
         image_mean: list[float] = IMAGENET_MEAN,
         image_std: list[float] = IMAGENET_STD,
         map_backend: MapBackend = "pycocotools",
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Literal["epoch", "step"] = "epoch",
-        scheduler_frequency: int = 1,
         scheduler_monitor: str = "val/map",
-        warmup_steps: int = 0,
-        no_decay_norm_bias: bool = False,
-        fused_epilogue: bool = True,
+        **kwargs: Any,
     ) -> None:
         _check_arguments(**{name: value for name, value in locals().items() if name in _CHECKED_ARGUMENTS})
-        super().__init__(
-            arch=arch,
-            weights=weights,
-            norm=norm,
-            freeze_at=freeze_at,
-            fold=fold,
-            fused_epilogue=fused_epilogue,
-            compile=compile,
-            channels_last=channels_last,
-            backbone_lr_mult=backbone_lr_mult,
-            calibrate_bn=calibrate_bn,
-            check_finite=check_finite,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scheduler_interval=scheduler_interval,
-            scheduler_frequency=scheduler_frequency,
-            scheduler_monitor=scheduler_monitor,
-            warmup_steps=warmup_steps,
-            no_decay_norm_bias=no_decay_norm_bias,
-            head_pool=head_pool,
-        )
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        super().__init__(head_pool=head_pool, scheduler_monitor=scheduler_monitor, **kwargs)
         self.transform = self.build_transform()
         self.rpn = self.build_rpn()
         self.roi_heads = RoIHeads(
@@ -237,13 +199,22 @@ class FrozenBNDetector(FrozenBNModule):
         sizes = (hp.min_size,) if isinstance(hp.min_size, int) else tuple(hp.min_size)
         return GeneralizedRCNNTransform(sizes, hp.max_size, list(hp.image_mean), list(hp.image_std))
 
-    def build_rpn(self) -> RegionProposalNetwork:
-        """The region proposal network on the C4 map: anchors, the RPN head, sampling and NMS settings."""
+    def build_anchors(self) -> AnchorGenerator:
+        """Anchors on the one C4 map: every size of ``anchor_sizes`` at every aspect ratio."""
         hp = self.hparams
-        anchors = AnchorGenerator((tuple(hp.anchor_sizes),), (tuple(hp.aspect_ratios),))
+        return AnchorGenerator((tuple(hp.anchor_sizes),), (tuple(hp.aspect_ratios),))
+
+    def feature_channels(self) -> int:
+        """Channels of the map(s) the RPN and the RoI pooling read: C4's."""
+        return self.backbone.out_channels
+
+    def build_rpn(self) -> RegionProposalNetwork:
+        """The region proposal network on :meth:`build_anchors`: the RPN head, sampling and NMS settings."""
+        hp = self.hparams
+        anchors = self.build_anchors()
         return RegionProposalNetwork(
             anchors,
-            RPNHead(self.backbone.out_channels, anchors.num_anchors_per_location()[0]),
+            RPNHead(self.feature_channels(), anchors.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7,
             bg_iou_thresh=0.3,
             batch_size_per_image=hp.rpn_batch_size_per_image,

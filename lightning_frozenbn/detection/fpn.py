@@ -10,7 +10,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -129,21 +128,14 @@ class FrozenBNFPNDetector(FrozenBNDetector):
         trunk_weights = None if self._detection_weights is not None else weights
         return build_resnet(arch, trunk_weights, norm, freeze_at, False, head_pool, False)
 
-    def build_rpn(self) -> RegionProposalNetwork:
-        """Torchvision's RPN over the five maps: one anchor size per map, the same sampling and NMS settings."""
+    def build_anchors(self) -> AnchorGenerator:
+        """One anchor size per pyramid map (torchvision's ``_default_anchorgen``), every aspect ratio on each."""
         hp = self.hparams
-        anchors = AnchorGenerator(tuple((s,) for s in hp.anchor_sizes), (tuple(hp.aspect_ratios),) * 5)
-        return RegionProposalNetwork(
-            anchors,
-            RPNHead(hp.fpn_channels, anchors.num_anchors_per_location()[0]),
-            fg_iou_thresh=0.7,
-            bg_iou_thresh=0.3,
-            batch_size_per_image=hp.rpn_batch_size_per_image,
-            positive_fraction=0.5,
-            pre_nms_top_n={"training": hp.rpn_pre_nms_top_n_train, "testing": hp.rpn_pre_nms_top_n_test},
-            post_nms_top_n={"training": hp.rpn_post_nms_top_n_train, "testing": hp.rpn_post_nms_top_n_test},
-            nms_thresh=0.7,
-        )
+        return AnchorGenerator(tuple((s,) for s in hp.anchor_sizes), (tuple(hp.aspect_ratios),) * 5)
+
+    def feature_channels(self) -> int:
+        """Channels of every pyramid map."""
+        return self.hparams.fpn_channels
 
     def build_roi_pool(self) -> nn.Module:
         """RoIAlign of each region from its level of C2..C5 (``roi_output_size``, torchvision's level mapping)."""

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from lightning_frozenbn.backbone import download_weights
+from lightning_frozenbn.backbone import download_weights, key_mismatch
 from lightning_frozenbn.errors import WeightsMismatchError
 
 __all__ = [
@@ -108,21 +108,11 @@ def load_detector_state(model: torch.nn.Module, state: dict[str, Tensor], source
     ]
     for key in replaced:
         del state[key]
-    missing = [k for k in expected if k not in state and k not in replaced and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        parts = [
-            f"{len(keys)} {label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if keys
-        ]
+    optional = tuple(replaced) + tuple(k for k in expected if k.endswith("num_batches_tracked"))
+    problems = key_mismatch(expected, state, ignore=optional)
+    if problems:
         raise WeightsMismatchError(
-            f"Weights {source} do not fit this FPN detector: " + "; ".join(parts) + ". Expected torchvision's "
+            f"Weights {source} do not fit this FPN detector: {problems}. Expected torchvision's "
             "fasterrcnn_resnet50_fpn layout (backbone.body.*, backbone.fpn.*, rpn.*, roi_heads.*) and the same `arch`."
         )
     model.load_state_dict(state, strict=False)

@@ -57,10 +57,13 @@ def detection_scenes(args, device, seed=0):
     return images, targets
 
 
-def detection_section(args, device):
-    """Training step time and saved-for-backward bytes of the three detectors, side by side."""
+def detection_section(args, device, variants=detection_variants):
+    """Training step time and saved-for-backward bytes of the ``variants(args)`` detectors, side by side.
+
+    The first variant named "ours ..." is the reference of the ratio columns.
+    """
     images, targets = detection_scenes(args, device)
-    models = [(n, m.to(device).train()) for n, m in detection_variants(args)]
+    models = [(n, m.to(device).train()) for n, m in variants(args)]
     opts = {n: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4) for n, m in models}
     rows = []
     for precision in args.precisions.split(","):
