@@ -28,6 +28,7 @@ from lightning_frozenbn.classifier import FrozenBNClassifier
 from lightning_frozenbn.data import LabelledDataModule
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.errors import FrozenStateViolation, InputError
+from lightning_frozenbn.export import ExportingTrainer, ExportMismatch
 from lightning_frozenbn.guard import FrozenModuleGuard
 from lightning_frozenbn.loggers import RUN_LOGGERS, RunCSVLogger, default_logger_entries
 from lightning_frozenbn.parser import ConciseErrorsParser, init_arguments
@@ -36,7 +37,7 @@ from lightning_frozenbn.writers import CocoResultsWriter, PredictionWriter
 __all__ = ["DetectionCLI", "FrozenBNCLI", "detect_main", "main"]
 
 # Mistakes in the user's config, data or files (exit 2) and runtime stops (exit 1): one line, no traceback.
-USER_ERRORS = (InputError, FileNotFoundError, FrozenStateViolation, FloatingPointError)
+USER_ERRORS = (InputError, FileNotFoundError, FrozenStateViolation, FloatingPointError, ExportMismatch)
 
 
 class _CommandsParser(ConciseErrorsParser):
@@ -93,7 +94,13 @@ class FrozenBNCLI(LightningCLI):
         }
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", _CommandsParser)
+        kwargs.setdefault("trainer_class", ExportingTrainer)  # Lightning's Trainer plus the `export` subcommand
         super().__init__(**kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's four, and ``export`` (ONNX / torch.export with frozen BN folded, checked on the spot)."""
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link num_classes; default the model class; add the checkpoint, guard and prediction-writer groups."""

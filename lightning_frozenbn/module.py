@@ -1,4 +1,4 @@
-"""FrozenBNModule and FrozenBNClassifier: LightningModules around the frozen-BN ResNet backbone and head."""
+"""FrozenBNModule: what every task on the frozen-BN trunk shares (arguments, optimizer, calibration, checkpoints)."""
 
 from __future__ import annotations
 

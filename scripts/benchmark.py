@@ -14,7 +14,8 @@ nvJPEG on CUDA) and ``Trainer.fit`` on those JPEGs vs in-memory tensors (``data`
 ``Trainer.fit`` step vs a plain PyTorch loop (and the cost of the NaN check, every step or deferred);
 the FrozenModuleGuard's overhead; the Faster R-CNN C4 training step (ours folded vs the same detector
 with torchvision's FrozenBatchNorm2d vs torchvision's ``fasterrcnn_resnet50_fpn``: time and saved bytes); the
-R50-FPN training step (``fpn``: ours folded and unfolded vs torchvision's model as its COCO weights build it).
+R50-FPN training step (``fpn``: ours folded and unfolded vs torchvision's model as its COCO weights build it);
+the exported classifier in onnxruntime vs the eager model at batch 1 and 8 (``deploy``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sections, also w
 import lightning  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
-from bench import data, detection, fpn, guard_cost, profile, saved, steps, streaming, trainer_step  # noqa: E402
+from bench import data, deploy, detection, fpn, guard_cost, profile, saved, steps, streaming, trainer_step  # noqa: E402
 
 # Every section, in run order: its key in --sections and in the JSON, run(ctx) -> what the JSON holds under
 # that key, report(ctx, value) -> the printed tables. Compiled step times run last (minutes of compilation).
@@ -46,6 +47,7 @@ SECTIONS = [
     ("guard", guard_cost),
     ("detection", detection),
     ("fpn", fpn),
+    ("deploy", deploy),
     ("streaming", streaming),
 ]
 
@@ -71,7 +73,7 @@ def main(argv=None):
         default=None,
         help="also time ours with the fused epilogue off (default: on for cuda, where the epilogue is used)",
     )
-    parser.add_argument("--sections", default="steps,saved,profile,lightning,guard,data,detection,fpn,streaming")
+    parser.add_argument("--sections", default="steps,saved,profile,lightning,guard,data,detection,fpn,deploy,streaming")
     parser.add_argument("--det-size", type=int, help="detection: shorter image side (GPU default 800, as COCO)")
     parser.add_argument("--det-batch", type=int, help="detection: images per step")
     parser.add_argument("--det-regions", type=int, help="detection: regions per image through the box head")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU check: the gpu-marked tests (fused epilogue, DALI, nvJPEG, ...), then the benchmark at the
 # H100 recipe sizes: eager steps with the fused epilogue on and off, compiled steps, DALI vs the uint8 path vs
-# nvJPEG at 1/8/14 workers and Trainer.fit on JPEGs vs in-memory tensors, the deferred NaN check, detection.
+# nvJPEG at 1/8/14 workers and Trainer.fit on JPEGs vs in-memory tensors, the deferred NaN check, detection (C4)
+# and the R50-FPN step vs torchvision's fasterrcnn_resnet50_fpn as its COCO weights build it (section fpn).
 # Writes to ${OUT:-gpu_results}/ (gpu.txt, tests.log, benchmark.log, benchmark.json). The default
 # timeouts (100 s tests + 460 s benchmark) fit one 600 s device call; extra arguments go to the
 # benchmark, e.g. --sections steps,data,lightning --compile-variants "ours (folded),detectron2 FrozenBN".

@@ -127,3 +127,16 @@ def test_benchmark_script_runs_every_section_and_writes_json(tmp_path):
     ours, unfolded = det[("ours C4 (folded)", "bf16")], det[("C4, torchvision FrozenBN", "bf16")]
     assert ours["saved_mib_excl_params"] < unfolded["saved_mib_excl_params"]
     assert all(r["ms_per_step"] > 0 for r in data["detection"]) and ours["ours_time_over_this"] == 1.0
+    # fpn: ours folded and unfolded vs torchvision's model as its COCO weights build it, same weights
+    fpn = {(r["variant"], r["precision"]): r for r in data["fpn"]}
+    assert {v for v, _ in fpn} == {
+        "ours FPN (folded)",
+        "ours FPN, fold off",
+        "torchvision fasterrcnn_resnet50_fpn (COCO_V1 build)",
+    }
+    # deterministic, as for C4: under bf16 the unfolded frozen BN hands fp32 activations on, and they are saved
+    ours, theirs = (
+        fpn[("ours FPN (folded)", "bf16")],
+        fpn[("torchvision fasterrcnn_resnet50_fpn (COCO_V1 build)", "bf16")],
+    )
+    assert ours["saved_mib_excl_params"] < theirs["saved_mib_excl_params"] and ours["ours_time_over_this"] == 1.0
