@@ -120,7 +120,7 @@ def same_layout_batches(root: Path, steps: int, batch: int) -> list[tuple[list, 
     data = DigitsDetectionDataModule(root=root, batch_size=batch, num_workers=0)  # no flips: digits
     data.prepare_data()
     data.setup("fit")
-    split = data._datasets["train"]
+    split = data.datasets["train"]
     out, source = [], 0
     for _ in range(steps):
         base_image, base = split[source]

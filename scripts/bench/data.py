@@ -83,9 +83,9 @@ def _photo_datamodule(root, args, workers, image_size, batch_size, repeat=1, dal
                 else:
                     self.datasets["train"] = ConcatDataset([train] * repeat)
 
-        def _dali_loader(self, dataset, train):
-            loader = super()._dali_loader(dataset, train)
-            if dali_cpu:
+        def make_loader(self, split, dataset, shuffle):
+            loader = super().make_loader(split, dataset, shuffle)
+            if dali_cpu and self.decode_device == "dali" and hasattr(loader, "device_id"):
                 loader.device_id = None  # DALI's CPU backend, also on a GPU machine
             return loader
 
