@@ -8,7 +8,10 @@ import torch
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
-__all__ = ["OncePerImageMAP"]
+__all__ = ["MAP_KEYS", "OncePerImageMAP"]
+
+# MeanAveragePrecision's scalar results, logged as <stage>/<key>
+MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 
 
 class OncePerImageMAP(MeanAveragePrecision):
@@ -42,3 +45,8 @@ class OncePerImageMAP(MeanAveragePrecision):
                 if isinstance(state, list) and len(state) == len(self.image_ids):
                     setattr(self, name, [state[i] for i in keep])
         return {**super().compute(), "images": torch.tensor(len(keep))}  # how many images the figures cover
+
+    def update_detections(self, detections: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> None:
+        """Add a batch: the detector's outputs and the data's targets (only the keys COCO evaluation reads)."""
+        truth = [{k: t[k] for k in ("boxes", "labels", "iscrowd", "area", "image_id") if k in t} for t in targets]
+        self.update([{k: d[k].float() if k != "labels" else d[k] for k in d} for d in detections], truth)

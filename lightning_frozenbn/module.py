@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_frozenbn.backbone import Norm, build_resnet
 from lightning_frozenbn.checkpoint import check_checkpoint_kind, saved_model_class, write_record
+from lightning_frozenbn.finite import DeferredFiniteCheck, check_finite_now
 from lightning_frozenbn.fold import fold_frozen_batchnorm
 from lightning_frozenbn.norm import calibrate_bn
 from lightning_frozenbn.seeding import seed_step
@@ -75,8 +76,6 @@ class FrozenBNModule(pl.LightningModule):
         head_pool: pooling of layer4's output: "avg" (torchvision, Detectron) or "max" (the person-search heads).
     """
 
-    _pending_finite: tuple[Tensor, Any, Tensor, str] | None = None  # the last step's check (check_finite="deferred")
-
     #: How the model runs, not what it learned. With ``--ckpt_path``, LightningCLI rebuilds the model from
     #: the checkpoint's hyperparameters, which would silently beat the command line; for these settings a
     #: value the command gives (one that differs from the default) is used instead, and the log says so.
@@ -111,6 +110,7 @@ class FrozenBNModule(pl.LightningModule):
         # so the task subclasses list only their own arguments and pass these through **kwargs.
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self._step_seed_base: int | None = None  # see on_train_batch_start; kept in the checkpoint
+        self._deferred_finite = DeferredFiniteCheck()  # the last step's check (check_finite="deferred")
         if not backbone_lr_mult >= 0:
             raise ValueError(f"backbone_lr_mult={backbone_lr_mult!r} must be >= 0 (1.0 = same LR as the head).")
         if isinstance(calibrate_bn, bool) or not isinstance(calibrate_bn, int) or calibrate_bn < 0:
@@ -214,50 +214,15 @@ class FrozenBNModule(pl.LightningModule):
 
     def check_loss_finite(self, loss: Tensor, batch_idx: int) -> None:
         """Stop all ranks at the first non-finite loss (``check_finite``); call it from ``training_step``."""
+        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         if self.hparams.check_finite == "deferred":
-            # The flag is copied to pinned host memory behind an event, both queued on the stream; the
-            # next step waits for that event only (not for the work queued since), then reads it. A
-            # plain .item() at the next step would wait for everything queued: a full sync, as measured.
-            finite = torch.isfinite(loss.detach()).all().int()
-            if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(finite)  # not strategy.reduce: it puts a blocking barrier first
-            event = None
-            if finite.is_cuda:
-                host = torch.empty((), dtype=torch.int32, pin_memory=True)
-                host.copy_(finite, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                finite = host
-            self._check_deferred_finite()
-            self._pending_finite = (finite, event, loss.detach(), self._where(batch_idx))
+            self._deferred_finite.queue(loss, self.trainer.world_size, where, self.global_rank)
         elif self.hparams.check_finite:
-            finite = bool(torch.isfinite(loss).all())
-            if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-                value = loss.item() if finite is False else "finite here, non-finite on another rank"
-                raise FloatingPointError(
-                    f"Training loss is not finite at {self._where(batch_idx)}: {value} (rank {self.global_rank}). "
-                    "Lower the learning rate (`model.optimizer.init_args.lr`), check the input data, or "
-                    "resume from an earlier checkpoint."
-                )
-
-    def _where(self, batch_idx: int) -> str:
-        return f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+            check_finite_now(loss, self.trainer.strategy, where, self.global_rank)
 
     def _check_deferred_finite(self) -> None:
-        pending, self._pending_finite = self._pending_finite, None
-        if pending is None:
-            return
-        finite, event, loss, where = pending
-        if event is not None:
-            event.synchronize()
-        if int(finite) != self.trainer.world_size:  # every rank reads the same reduced count
-            value = loss.item() if not torch.isfinite(loss) else "finite here, non-finite on another rank"
-            raise FloatingPointError(
-                f"Training loss is not finite at {where}: {value} (rank {self.global_rank}; found one step "
-                "later: check_finite='deferred', so the weights already carry that step). Lower the learning "
-                "rate (`model.optimizer.init_args.lr`), check the input data, and resume from a checkpoint "
-                "saved before that step."
-            )
+        if self._deferred_finite.pending:  # (no trainer is needed when nothing is pending)
+            self._deferred_finite.settle(self.trainer.world_size, self.global_rank)
 
     def on_train_epoch_end(self) -> None:
         """Check the epoch's last loss (``check_finite="deferred"``)."""

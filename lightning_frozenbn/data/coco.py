@@ -107,7 +107,13 @@ class _CocoSplit(Dataset):
     """One split of image files and their COCO records: ``(uint8 image, target)`` by :func:`coco_target`."""
 
     def __init__(
-        self, images: Path, annotations: dict[str, Any], label_of: dict[int, int], train: bool, hflip: bool, extra_keys: list[str]
+        self,
+        images: Path,
+        annotations: dict[str, Any],
+        label_of: dict[int, int],
+        train: bool,
+        hflip: bool,
+        extra_keys: list[str],
     ) -> None:
         from pycocotools.coco import COCO
 
@@ -128,7 +134,10 @@ class _CocoSplit(Dataset):
     def record(self, index: int) -> tuple[str, dict[str, Any]]:
         """The image file and its COCO record ``{"image": ..., "annotations": [...]}``."""
         info = self.coco.imgs[self.ids[index]]
-        return str(self.root / info["file_name"]), {"image": info, "annotations": self.coco.imgToAnns.get(info["id"], [])}
+        return str(self.root / info["file_name"]), {
+            "image": info,
+            "annotations": self.coco.imgToAnns.get(info["id"], []),
+        }
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         file, record = self.record(index)

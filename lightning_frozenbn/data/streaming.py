@@ -118,7 +118,7 @@ class StreamingImageDataModule(ImageDataModule):
         return self.chunks.open(split, convert, train, self.seed)
 
     def make_loader(self, split: str, dataset: Dataset, shuffle: bool) -> Any:
-        """litdata loaders for the streamed splits (the training one resumable); the workers' for predict_root."""
+        """Litdata loaders for the streamed splits (the training one resumable); the workers' for predict_root."""
         if split == "predict":
             return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
         if split == "train":
@@ -126,7 +126,7 @@ class StreamingImageDataModule(ImageDataModule):
         return self.chunks.eval_stream(dataset)
 
     def calibration_dataloader(self) -> Any:
-        """Training batches for ``calibrate_bn``, from a stream of their own (see ``ChunkSource.calibration_stream``)."""
+        """Training batches for ``calibrate_bn`` from a stream of their own (``ChunkSource.calibration_stream``)."""
         if "train" not in self.datasets:
             self.setup("fit")
         return self.chunks.calibration_stream(self.datasets["train"], self.seed)
@@ -157,7 +157,7 @@ class _CocoItem:
 
 
 class StreamingCocoDataModule(DetectionDataModule):
-    """Detection from litdata chunks (a folder or ``s3://``): :class:`CocoDetectionDataModule`'s targets over a chunk source.
+    """Detection from litdata chunks (a folder or ``s3://``): the COCO module's targets over a chunk source.
 
     The chunks hold each image's file bytes and its COCO record (image entry and annotations, checked
     when they were written); the categories are in the manifest. Targets are built by the same
@@ -169,7 +169,8 @@ class StreamingCocoDataModule(DetectionDataModule):
         cache_dir: where chunks of a remote store are cached (default: litdata's).
         max_cache_size: the cache's size limit.
         hflip: random horizontal flips in training; None = as the data module the chunks were written from.
-        **kwargs: the other detection settings, documented on :class:`~lightning_frozenbn.data.coco.DetectionDataModule`.
+        **kwargs: the other detection settings, documented on
+            :class:`~lightning_frozenbn.data.coco.DetectionDataModule`.
     """
 
     def __init__(
@@ -212,7 +213,7 @@ class StreamingCocoDataModule(DetectionDataModule):
         return self.chunks.open(split, convert, train, self.seed)
 
     def make_loader(self, split: str, dataset: Dataset, train: bool) -> Any:
-        """litdata loaders for the streamed splits (the training one resumable); the workers' for predict_root."""
+        """Litdata loaders for the streamed splits (the training one resumable); the workers' for predict_root."""
         if split == "predict":
             return super().make_loader(split, dataset, train)
         if train:
@@ -220,7 +221,7 @@ class StreamingCocoDataModule(DetectionDataModule):
         return self.chunks.eval_stream(dataset, collate_fn=collate_detection)
 
     def calibration_dataloader(self) -> Any:
-        """Training batches for ``calibrate_bn``, from a stream of their own (see ``ChunkSource.calibration_stream``)."""
+        """Training batches for ``calibrate_bn`` from a stream of their own (``ChunkSource.calibration_stream``)."""
         if "train" not in self.datasets:
             self.setup("fit")
         return self.chunks.calibration_stream(self.datasets["train"], self.seed, collate_fn=collate_detection)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import OrderedDict
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
@@ -19,69 +17,33 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
 from lightning_frozenbn.backbone import IMAGENET_MEAN, IMAGENET_STD
-from lightning_frozenbn.metrics import OncePerImageMAP
+from lightning_frozenbn.detection.arguments import CHECKED_ARGUMENTS, MAP_BACKENDS, MapBackend, check_arguments
+from lightning_frozenbn.metrics import MAP_KEYS, OncePerImageMAP
 from lightning_frozenbn.module import FrozenBNModule
 
 __all__ = ["MAP_BACKENDS", "FrozenBNDetector"]
 
-MapBackend = Literal["pycocotools", "faster_coco_eval"]
-MAP_BACKENDS: tuple[str, ...] = get_args(MapBackend)  # one source for the CLI and the check
-# MeanAveragePrecision's scalar results, logged as <stage>/<key>
-_MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
+
+def pad_thin(image: Tensor, max_size: int) -> Tensor:
+    """Pad an image too thin for ``max_size`` (5000x10 at 256) at its bottom/right; coordinates unchanged.
+
+    Resizing its long side to ``max_size`` would make its short side under a pixel, and torchvision's
+    transform fails ("Input and output sizes should be greater than 0") on the whole batch.
+    """
+    height, width = image.shape[-2:]
+    need = math.ceil(2 * max(height, width) / max_size)  # >= 2 px after the resize
+    if min(height, width) >= need:
+        return image
+    return nn.functional.pad(image, (0, max(need - width, 0), 0, max(need - height, 0)))
 
 
-def _check_arguments(
-    num_classes: Any,
-    min_size: Any,
-    max_size: Any,
-    anchor_sizes: Any,
-    aspect_ratios: Any,
-    box_positive_fraction: Any,
-    map_backend: Any,
-    rpn_pre_nms_top_n_train: Any,
-    rpn_pre_nms_top_n_test: Any,
-    rpn_post_nms_top_n_train: Any,
-    rpn_post_nms_top_n_test: Any,
-    rpn_batch_size_per_image: Any,
-    box_batch_size_per_image: Any,
-    roi_output_size: Any,
-    box_detections_per_img: Any,
-) -> None:
-    """The detector's settings, each refused with the value and what is expected."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(
-            f"num_classes={num_classes!r} is invalid: expected the number of object classes (>= 1, "
-            "background not counted). With the CLI it is taken from the data module; do not set it twice."
-        )
-    sizes = [min_size] if isinstance(min_size, int) else list(min_size)
-    counts = {
-        "max_size": max_size,
-        "rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
-        "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
-        "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
-        "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
-        "rpn_batch_size_per_image": rpn_batch_size_per_image,
-        "box_batch_size_per_image": box_batch_size_per_image,
-        "roi_output_size": roi_output_size,
-        "box_detections_per_img": box_detections_per_img,
-        **{f"min_size[{i}]": s for i, s in enumerate(sizes)},
-        **{f"anchor_sizes[{i}]": s for i, s in enumerate(anchor_sizes)},
-    }
-    if not sizes or not list(anchor_sizes) or not list(aspect_ratios):
-        raise ValueError("min_size, anchor_sizes and aspect_ratios need at least one value each.")
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid: expected a positive integer.")
-    if not 0 < box_positive_fraction <= 1 or any(not r > 0 for r in aspect_ratios):
-        raise ValueError(
-            f"box_positive_fraction={box_positive_fraction!r} must be in (0, 1] and aspect_ratios="
-            f"{list(aspect_ratios)!r} positive."
-        )
-    if map_backend not in MAP_BACKENDS:
-        raise ValueError(f"map_backend={map_backend!r} is invalid: expected one of {', '.join(MAP_BACKENDS)}.")
-
-
-_CHECKED_ARGUMENTS = frozenset(inspect.signature(_check_arguments).parameters)
+def unpad(detection: dict[str, Tensor], real: tuple[int, int], padded: tuple[int, int]) -> dict[str, Tensor]:
+    """Detections of a :func:`pad_thin` image: boxes found in the padding cut to the image, empty ones dropped."""
+    if real == padded:
+        return detection
+    boxes = box_ops.clip_boxes_to_image(detection["boxes"], real)
+    keep = box_ops.remove_small_boxes(boxes, 1e-3)
+    return {**{k: v[keep] for k, v in detection.items() if k != "boxes"}, "boxes": boxes[keep]}
 
 
 class FrozenBNDetector(FrozenBNModule):
@@ -172,7 +134,7 @@ class FrozenBNDetector(FrozenBNModule):
         scheduler_monitor: str = "val/map",
         **kwargs: Any,
     ) -> None:
-        _check_arguments(**{name: value for name, value in locals().items() if name in _CHECKED_ARGUMENTS})
+        check_arguments(**{name: value for name, value in locals().items() if name in CHECKED_ARGUMENTS})
         super().__init__(head_pool=head_pool, scheduler_monitor=scheduler_monitor, **kwargs)
         self.transform = self.build_transform()
         self.rpn = self.build_rpn()
@@ -322,7 +284,7 @@ class FrozenBNDetector(FrozenBNModule):
         """Training mode: the losses by name. Eval mode: per image ``boxes`` (xyxy pixels), ``labels``, ``scores``."""
         images = [img if img.is_floating_point() else img.to(self.dtype).div_(255) for img in images]
         real_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        images = [self._pad_thin(img) for img in images]
+        images = [pad_thin(img, self.transform.max_size) for img in images]
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         batch, targets = self.transform(images, targets)
         features = self.forward_backbone(batch.tensors)
@@ -332,24 +294,7 @@ class FrozenBNDetector(FrozenBNModule):
         if self.training:
             return {**roi_losses, **rpn_losses}
         detections = self.transform.postprocess(detections, batch.image_sizes, original_sizes)
-        for detection, real, padded in zip(detections, real_sizes, original_sizes):
-            if real != padded:  # boxes found in the padding are cut to the image, empty ones dropped
-                boxes = box_ops.clip_boxes_to_image(detection["boxes"], real)
-                keep = box_ops.remove_small_boxes(boxes, 1e-3)
-                detection.update({k: v[keep] for k, v in detection.items() if k != "boxes"}, boxes=boxes[keep])
-        return detections
-
-    def _pad_thin(self, image: Tensor) -> Tensor:
-        """Pad an image too thin for ``max_size`` (5000x10 at 256) at its bottom/right; coordinates unchanged.
-
-        Resizing its long side to ``max_size`` would make its short side under a pixel, and torchvision's
-        transform fails ("Input and output sizes should be greater than 0") on the whole batch.
-        """
-        height, width = image.shape[-2:]
-        need = math.ceil(2 * max(height, width) / self.transform.max_size)  # >= 2 px after the resize
-        if min(height, width) >= need:
-            return image
-        return nn.functional.pad(image, (0, max(need - width, 0), 0, max(need - height, 0)))
+        return [unpad(d, real, padded) for d, real, padded in zip(detections, real_sizes, original_sizes)]
 
     # ---- Lightning hooks --------------------------------------------------------------------
     def training_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], batch_idx: int) -> Tensor:
@@ -363,15 +308,13 @@ class FrozenBNDetector(FrozenBNModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
 
-    def _eval_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], metric: MeanAveragePrecision) -> None:
+    def _eval_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], metric: OncePerImageMAP) -> None:
         images, targets = batch
-        detections = self(images)
-        truth = [{k: t[k] for k in ("boxes", "labels", "iscrowd", "area", "image_id") if k in t} for t in targets]
-        metric.update([{k: d[k].float() if k != "labels" else d[k] for k in d} for d in detections], truth)
+        metric.update_detections(self(images), targets)
 
-    def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
+    def _log_map(self, stage: str, metric: OncePerImageMAP) -> None:
         result = metric.compute()  # already reduced over ranks by torchmetrics
-        self.log_dict({f"{stage}/{k}": result[k].float() for k in _MAP_KEYS if k != "map_50"})
+        self.log_dict({f"{stage}/{k}": result[k].float() for k in MAP_KEYS if k != "map_50"})
         self.log(f"{stage}/images", result["images"].float())  # distinct images evaluated (DDP repeats dropped)
         self.log(f"{stage}/map_50", result["map_50"].float(), prog_bar=True)
         metric.reset()

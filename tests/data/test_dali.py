@@ -11,8 +11,8 @@ pytest.importorskip("nvidia.dali", reason="the dali extra is not installed: pip 
 from bench.data import make_photos  # noqa: E402
 
 from lightning_frozenbn import DataError, FrozenBNClassifier, ImageFolderDataModule  # noqa: E402
-from lightning_frozenbn.data.dali import DaliLoader, DaliTransform  # noqa: E402
 from lightning_frozenbn.backbone import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from lightning_frozenbn.data.dali import DaliLoader, DaliTransform  # noqa: E402
 
 
 @pytest.fixture(scope="module")

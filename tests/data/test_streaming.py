@@ -16,6 +16,7 @@ pytest.importorskip(
 )
 
 import sample_log  # noqa: E402
+from helpers import ROOT  # noqa: E402
 from test_chunks import jpeg_tree  # noqa: E402
 
 from lightning_frozenbn import (  # noqa: E402
@@ -27,7 +28,6 @@ from lightning_frozenbn import (  # noqa: E402
 )
 from lightning_frozenbn.data.chunks import optimize_data  # noqa: E402
 
-from helpers import ROOT  # noqa: E402
 TESTS = Path(__file__).resolve().parent
 
 
