@@ -28,6 +28,7 @@ __all__ = [
     "check_checkpoint_kind",
     "model_config_from",
     "read_record",
+    "record_of",
     "saved_model_class",
     "write_record",
 ]
@@ -297,28 +298,23 @@ def read_record(path: str | Path | None, must_exist: bool = False) -> dict[str, 
     be read, or is missing while ``must_exist``, raises :class:`CheckpointError` (naming it and the
     checkpoints beside it) before anything of the run is created.
     """
-    import torch
-
-    extras: dict[str, Any] = {
-        "class_names": None,
-        "category_ids": None,
-        "initial_weights": None,
-        "class_path": None,
-        "csv_version": None,
-        "epoch": None,
-        "global_step": None,
-    }
     if not path or not _is_local_file_protocol(path):
-        return extras
+        return record_of({})
     if not Path(path).is_file():
         if must_exist:
             AtomicCheckpointIO().load_checkpoint(path)  # raises: does not exist, and which files are there
-        return extras
+        return record_of({})
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         AtomicCheckpointIO().load_checkpoint(path)  # raises CheckpointError: truncated, corrupt or unsafe
-        return extras  # readable, only not memory-mapped (a legacy non-zip file): nothing recorded to use
+        return record_of({})  # readable, only not memory-mapped (a legacy non-zip file): nothing recorded to use
+    return record_of(checkpoint)
+
+
+def record_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """:func:`read_record`'s entries from a checkpoint already loaded (None for each it does not hold)."""
+    extras: dict[str, Any] = {"csv_version": None}
     names, weights = checkpoint.get("class_names"), checkpoint.get("initial_weights")
     extras["class_names"] = list(names) if isinstance(names, (list, tuple)) else None
     extras["initial_weights"] = weights if isinstance(weights, str) else None

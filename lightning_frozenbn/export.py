@@ -270,7 +270,7 @@ class ExportingTrainer(Trainer):
             opset: the ONNX opset (default: the exporter's).
             check: run each file and compare with the eager model (on by default).
         """
-        from lightning_frozenbn.checkpoint import AtomicCheckpointIO, read_record
+        from lightning_frozenbn.checkpoint import AtomicCheckpointIO, record_of
         from lightning_frozenbn.data.contract import LabelledDataModule
 
         folder = Path(output)
@@ -280,9 +280,10 @@ class ExportingTrainer(Trainer):
                 f"{type(model).__name__} cannot be exported yet: export covers the classifier; the detectors' "
                 "export (dynamic image sizes through the RPN and RoI heads) is not built."
             )
-        record = read_record(ckpt_path, must_exist=ckpt_path is not None)
-        if ckpt_path is not None:
-            model.load_state_dict(AtomicCheckpointIO().load_checkpoint(ckpt_path)["state_dict"])
+        checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path) if ckpt_path is not None else {}
+        if checkpoint:
+            model.load_state_dict(checkpoint["state_dict"])
+        record = record_of(checkpoint)
         names = datamodule.classes if isinstance(datamodule, LabelledDataModule) else record["class_names"]
         metadata = {
             "class_names": names,

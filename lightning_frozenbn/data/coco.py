@@ -15,7 +15,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from lightning_frozenbn.data.annotations import check_categories, read_annotations
-from lightning_frozenbn.data.contract import ChunkEntry, LabelledDataModule
+from lightning_frozenbn.data.contract import SPLIT_STAGE, STAGE_SPLITS, ChunkEntry, LabelledDataModule
 from lightning_frozenbn.data.decode import decode_file
 from lightning_frozenbn.data.folder import check_header
 from lightning_frozenbn.data.image_files import UnlabelledImages
@@ -32,7 +32,6 @@ __all__ = [
 ]
 
 Split = Literal["train", "val", "test"]
-_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
 def collate_detection(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
@@ -262,7 +261,7 @@ class DetectionDataModule(LabelledDataModule):
         if stage == "predict" and self.predict_root is not None:
             self.categories  # noqa: B018  (the label set must be known before the model writes names)
             self.datasets.setdefault("predict", UnlabelledImages(self.predict_root, decode_file, target={}))
-        needed = _STAGE_SPLITS.get(stage, (self.predict_split,) if self.predict_root is None else ())
+        needed = STAGE_SPLITS.get(stage, (self.predict_split,) if self.predict_root is None else ())
         for split in needed:
             if split not in self.datasets:
                 self.datasets[split] = self.open_split(split, train=split == "train")
@@ -281,7 +280,7 @@ class DetectionDataModule(LabelledDataModule):
 
     def _loader(self, split: str, train: bool = False) -> Any:
         if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}.get(split, "predict"))
+            self.setup(SPLIT_STAGE.get(split, "predict"))  # a predict_split's name opens it through "predict"
         return self.make_loader(split, self.datasets[split], train)
 
     def train_dataloader(self) -> Any:

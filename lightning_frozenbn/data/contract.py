@@ -9,9 +9,12 @@ import lightning.pytorch as pl
 
 from lightning_frozenbn.errors import DataError
 
-__all__ = ["ChunkEntry", "LabelledDataModule", "Task"]
+__all__ = ["SPLIT_STAGE", "STAGE_SPLITS", "ChunkEntry", "LabelledDataModule", "Task"]
 
 Task = Literal["classification", "detection"]
+# Lightning's stages and the splits each one reads, and the stage whose setup opens a split
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+SPLIT_STAGE = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}
 
 
 class ChunkEntry(NamedTuple):

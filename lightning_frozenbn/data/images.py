@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_frozenbn.data.contract import LabelledDataModule
+from lightning_frozenbn.data.contract import SPLIT_STAGE, STAGE_SPLITS, LabelledDataModule
 from lightning_frozenbn.data.decoders import (
     DecodeDevice,
     Decoder,
@@ -30,9 +30,6 @@ from lightning_frozenbn.data.image_files import UnlabelledImages
 from lightning_frozenbn.errors import DataError
 
 __all__ = ["ImageDataModule"]
-
-_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
-_SPLIT_STAGE = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}
 
 
 class ImageDataModule(LabelledDataModule):
@@ -182,7 +179,7 @@ class ImageDataModule(LabelledDataModule):
 
     def setup(self, stage: str) -> None:
         """Open the splits this stage needs (checked for layout and class agreement)."""
-        for split in _STAGE_SPLITS.get(stage, ()):
+        for split in STAGE_SPLITS.get(stage, ()):
             self.datasets[split] = self.open_split(split, train=split == "train")
         if stage == "predict":
             if self.predict_root is None:
@@ -201,7 +198,7 @@ class ImageDataModule(LabelledDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> Any:
         if split not in self.datasets:
-            self.setup(_SPLIT_STAGE[split])
+            self.setup(SPLIT_STAGE[split])
         return self.make_loader(split, self.datasets[split], shuffle)
 
     def train_dataloader(self) -> Any:
