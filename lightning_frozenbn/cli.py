@@ -23,15 +23,18 @@ from lightning_frozenbn.checkpoint import (
     check_checkpoint_kind,
     model_config_from,
     read_record,
+    record_of,
 )
 from lightning_frozenbn.classifier import FrozenBNClassifier
 from lightning_frozenbn.data import LabelledDataModule
 from lightning_frozenbn.detection import FrozenBNDetector
 from lightning_frozenbn.errors import FrozenStateViolation, InputError
-from lightning_frozenbn.export import ExportingTrainer, ExportMismatch
+from lightning_frozenbn.export import ExportError, ExportMismatch
+from lightning_frozenbn.exported import both_named, exported_metadata
 from lightning_frozenbn.guard import FrozenModuleGuard
 from lightning_frozenbn.loggers import RUN_LOGGERS, RunCSVLogger, default_logger_entries
 from lightning_frozenbn.parser import ConciseErrorsParser, init_arguments
+from lightning_frozenbn.trainer import ExportingTrainer
 from lightning_frozenbn.writers import CocoResultsWriter, PredictionWriter
 
 __all__ = ["DetectionCLI", "FrozenBNCLI", "detect_main", "main"]
@@ -123,6 +126,8 @@ class FrozenBNCLI(LightningCLI):
         # into a classifier run. A truncated or unsafe file must fail with our explanation, not a traceback.
         config = self.config.get(str(self.config.get("subcommand")), {})
         path = config.get("ckpt_path")
+        if config.get("exported") and path:
+            raise ExportError(both_named(config["exported"], path))
         if path == "last":  # Lightning resolves it later; it is where ResumableCheckpoint writes it
             folder = (config.get("checkpoint") or {}).get("dirpath")
             path = Path(_checkpoint_folder(folder, (config.get("trainer") or {}).get("default_root_dir"))) / "last.ckpt"
@@ -130,6 +135,9 @@ class FrozenBNCLI(LightningCLI):
         # before the run creates its logger version (`last` on a fresh run directory starts from scratch)
         named = path is not None and config.get("ckpt_path") not in ("last", "best", "hpc")
         self._saved = saved = read_record(path, must_exist=named and not str(path).startswith("registry"))
+        if config.get("exported"):  # predict from an exported file: its metadata is the record
+            metadata = exported_metadata(config["exported"], self.task)
+            self._saved = saved = record_of({k: metadata.get(k) for k in ("class_names", "category_ids")})
         self._saved_in = os.path.realpath(os.path.dirname(os.path.expanduser(str(path)))) if path else None
         check_checkpoint_kind(saved["class_path"], self.model_class, str(config.get("ckpt_path")))
         given = _run_settings_given(config.get("model"), self.model_class)
@@ -181,6 +189,8 @@ class FrozenBNCLI(LightningCLI):
             except (ValueError, KeyError):
                 resize = None  # an unknown name is reported when the model is built
             data_args["eval_resize"] = resize
+        if config.get("exported") and model_args.get("weights") is not None:
+            model_args["weights"] = None  # the exported file predicts: the model's initial weights are not read
         self._place_loggers(config.get("trainer"), config.get("checkpoint"))
         if given is not None and not config.get("ckpt_path"):
             self.parser.error(

@@ -9,13 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch import Trainer
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from lightning_frozenbn.classifier import FrozenBNClassifier
 from lightning_frozenbn.epilogue import unfuse_epilogues
 from lightning_frozenbn.errors import InputError
 from lightning_frozenbn.files import write_atomically
@@ -24,13 +21,15 @@ from lightning_frozenbn.norm import StatsFrozenBatchNorm2d, convert_frozen_batch
 
 __all__ = [
     "ExportError",
-    "ExportingTrainer",
     "ExportMismatch",
+    "check_detector_onnx",
     "check_onnx",
     "check_program",
     "deployable",
+    "export_detector_onnx",
     "export_onnx",
     "export_program",
+    "read_metadata",
 ]
 
 Format = Literal["onnx", "pt2"]
@@ -115,9 +114,6 @@ def export_onnx(
     Written whole or not at all (a temporary file renamed into place). An opset the model cannot be
     exported at is an :class:`ExportError` naming it.
     """
-    import onnx
-
-    buffer = io.BytesIO()
     try:
         program = torch.onnx.export(
             model,
@@ -129,12 +125,14 @@ def export_onnx(
             verbose=False,
         )
     except Exception as err:  # the exporter raises many types; the user's fix is the same
-        raise ExportError(
-            f"ONNX export failed{f' at opset {opset}' if opset else ''}: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}. Try another --opset (default: the exporter's), "
-            "or export the torch.export program only."
-        ) from err
-    proto = program.model_proto
+        raise _failed(err, opset, "Try another --opset (default: the exporter's), or --formats [pt2].") from err
+    return _save_onnx(program.model_proto, path, metadata, opset)
+
+
+def _save_onnx(proto: Any, path: str | Path, metadata: dict[str, Any], opset: int | None) -> Path:
+    """Check the opset written is the one asked for, add ``metadata``, write the file whole or not at all."""
+    import onnx
+
     written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and written != opset:  # the exporter logs a failed conversion and keeps its own opset
         raise ExportError(
@@ -144,10 +142,18 @@ def export_onnx(
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
+    buffer = io.BytesIO()
     onnx.save_model(proto, buffer)
     path = Path(path)
     write_atomically(path, lambda f: f.write(buffer.getvalue()))
     return path
+
+
+def _failed(err: Exception, opset: int | None, fix: str) -> ExportError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    first = first if len(first) < 200 else first[:200] + "..."  # the tracer quotes whole graphs
+    where = f" at opset {opset}" if opset else ""
+    return ExportError(f"ONNX export failed{where}: {type(err).__name__}: {first} {fix}")
 
 
 def _dynamic() -> dict[int, Any]:
@@ -214,98 +220,85 @@ def check_program(
     return diffs
 
 
+DETECTOR_OPSET = 17  # torchvision registers nms and roi_align for the TorchScript exporter from opset 11
+
+
+def export_detector_onnx(
+    model: nn.Module, example: Tensor, path: str | Path, metadata: dict[str, Any], opset: int | None = None
+) -> Path:
+    """Write a detector (a :class:`~lightning_frozenbn.detection.deployed.DeployedDetector`) as ONNX, any image size.
+
+    Input ``image``: float ``(3, H, W)`` RGB 0..1, ``H`` and ``W`` dynamic; outputs ``boxes``, ``labels``,
+    ``scores``, as many rows as detections. Exported by tracing (torch's TorchScript exporter, as
+    torchvision's own ONNX tests export Faster R-CNN): the dynamo exporter and ``torch.export`` stop at
+    the data-dependent sizes after the RPN's NMS (``GuardOnDataDependentSymNode``, measured with torch
+    2.14). Written whole or not at all.
+    """
+    import warnings
+
+    import onnx
+
+    buffer = io.BytesIO()
+    dynamic = {"image": {1: "height", 2: "width"}, **{k: {0: "detections"} for k in ("boxes", "labels", "scores")}}
+    try:
+        with warnings.catch_warnings():  # tracer warnings on Python ints torchvision computes from sizes
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                buffer,
+                opset_version=opset or DETECTOR_OPSET,
+                dynamo=False,
+                input_names=["image"],
+                output_names=["boxes", "labels", "scores"],
+                dynamic_axes=dynamic,
+            )
+    except Exception as err:  # the exporter raises many types; the user's fix is the same
+        raise _failed(err, opset, f"Detectors export at --opset 11 to 20 (default {DETECTOR_OPSET}).") from err
+    return _save_onnx(onnx.load_model_from_string(buffer.getvalue()), path, metadata, opset)
+
+
+def check_detector_onnx(
+    path: str | Path,
+    model: nn.Module,
+    images: Sequence[Tensor],
+    score_thresh: float,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+) -> list[float]:
+    """Run a detector's ONNX file on each image and compare with the eager ``model``'s detections.
+
+    The same detections scoring at least ``score_thresh``: labels equal, boxes and scores within
+    ``rtol``/``atol`` (:func:`~lightning_frozenbn.detection.deployed.match_detections`). Returns the max
+    |diff| of the boxes (pixels) on each image.
+
+    Raises:
+        ExportMismatch: other detections, labels, or boxes/scores outside the tolerance.
+    """
+    import onnxruntime
+
+    from lightning_frozenbn.detection.deployed import match_detections
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    diffs = []
+    for image in images:
+        boxes, labels, scores = session.run(None, {"image": image.numpy()})
+        got = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "scores": torch.from_numpy(scores)}
+        with torch.no_grad():
+            (expected,) = model([image])
+        matched = match_detections(got, expected, score_thresh, rtol, atol)
+        if isinstance(matched, str):
+            raise ExportMismatch(
+                f"ONNX detections on a {tuple(image.shape)} image differ from the eager model's: {matched}. "
+                "The exported file is not trustworthy."
+            )
+        diffs.append(matched[0])
+    return diffs
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata an exported ONNX file carries (class names, category ids, the source checkpoint)."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
     return {p.key: json.loads(p.value) for p in proto.metadata_props}
-
-
-def example_inputs(datamodule: Any, image_size: int) -> list[Tensor]:
-    """Two inputs to check on: the data's first validation batch as the model sees it, and its first image alone.
-
-    The batch is normalised as the data module normalises it for the model: two batch sizes, real
-    images. Random inputs of ``image_size`` where there is no data module.
-    """
-    x = None
-    if datamodule is not None and hasattr(datamodule, "val_dataloader"):
-        datamodule.prepare_data()
-        datamodule.setup("validate")
-        batch = next(iter(datamodule.val_dataloader()))
-        batch = datamodule.on_after_batch_transfer(
-            datamodule.transfer_batch_to_device(batch, torch.device("cpu"), 0), 0
-        )
-        x = batch[0].float().contiguous()
-    if x is None:
-        x = torch.randn(4, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    return [x, x[:1].clone()]
-
-
-class ExportingTrainer(Trainer):
-    """Lightning's Trainer with one more entry point, :meth:`export`: the CLI's ``export`` subcommand."""
-
-    def export(
-        self,
-        model: pl.LightningModule,
-        datamodule: pl.LightningDataModule | None = None,
-        ckpt_path: str | None = None,
-        output: str = "export",
-        formats: list[Format] = ("onnx", "pt2"),
-        opset: int | None = None,
-        check: bool = True,
-    ) -> dict[str, Any]:
-        """Export the model with every frozen BN folded (ONNX and/or ``torch.export``), checked against eager.
-
-        Each file is run on the data's first validation batch and on one image at another size, and
-        compared with the eager model at torchvision's ONNX tolerances (rtol 1e-3, atol 1e-5): a mismatch
-        stops the command. Class names (and COCO category ids) travel in the files' metadata.
-
-        Args:
-            model: the model (with ``--ckpt_path``, rebuilt from the checkpoint's hyperparameters).
-            datamodule: the data whose validation images the check runs on (random images without it).
-            ckpt_path: the checkpoint whose weights are exported.
-            output: the folder the files are written to (``model.onnx``, ``model.pt2``).
-            formats: ``onnx``, ``pt2`` or both.
-            opset: the ONNX opset (default: the exporter's).
-            check: run each file and compare with the eager model (on by default).
-        """
-        from lightning_frozenbn.checkpoint import AtomicCheckpointIO, record_of
-        from lightning_frozenbn.data.contract import LabelledDataModule
-
-        folder = Path(output)
-        check_output(folder)
-        if not isinstance(model, FrozenBNClassifier):
-            raise ExportError(
-                f"{type(model).__name__} cannot be exported yet: export covers the classifier; the detectors' "
-                "export (dynamic image sizes through the RPN and RoI heads) is not built."
-            )
-        checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path) if ckpt_path is not None else {}
-        if checkpoint:
-            model.load_state_dict(checkpoint["state_dict"])
-        record = record_of(checkpoint)
-        names = datamodule.classes if isinstance(datamodule, LabelledDataModule) else record["class_names"]
-        metadata = {
-            "class_names": names,
-            "category_ids": record["category_ids"],
-            "checkpoint": ckpt_path,
-            "input": "float32 (N, 3, H, W), RGB 0..1 normalised with the ImageNet mean and std",
-        }
-        inputs = example_inputs(datamodule, getattr(datamodule, "image_size", 224))
-        deploy = deployable(model)
-        eager = copy.deepcopy(model).cpu().float().eval()  # what the files are checked against: the model as trained
-        folder.mkdir(parents=True, exist_ok=True)
-        written: dict[str, Any] = {}
-        for fmt in dict.fromkeys(formats):
-            path = folder / f"model.{fmt}"
-            if fmt == "onnx":
-                export_onnx(deploy, inputs[0], path, metadata, opset)
-                diffs = check_onnx(path, eager, inputs) if check else []
-            else:
-                export_program(deploy, inputs[0], path, metadata)
-                diffs = check_program(path, eager, inputs) if check else []
-            written[str(path)] = diffs
-            shapes = " and ".join(str(tuple(x.shape)) for x in inputs)
-            said = f"; checked against eager at {shapes}: max |diff| {max(diffs):.3g}" if diffs else ""
-            print(f"{path}: {fmt}, every frozen BN folded{said}", flush=True)
-        return written

@@ -88,3 +88,29 @@ def write_evil_pickle(path: Path, marker: Path, key: str = "state_dict") -> None
     """A pickle that would create ``marker`` when loaded by an unsafe loader."""
     with open(path, "wb") as f:
         pickle.dump({key: {}, "payload": _CreatesFile(str(marker))}, f)
+
+
+def tiny_detection_args(tmp_path, run="run", *extra):
+    """The detection quickstart config on a tiny canvas set: 16 training canvases of 64 px, random init."""
+    return [
+        "--config",
+        str(ROOT / "configs" / "detection_quickstart.yaml"),
+        "--data.init_args.root",
+        str(tmp_path / "dd"),
+        "--data.init_args.canvas_size=64",
+        "--data.init_args.digit_size=[16, 24]",
+        "--data.init_args.num_train=16",
+        "--data.init_args.num_val=4",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+        "--model.init_args.weights=null",
+        "--model.init_args.calibrate_bn=1",
+        "--model.init_args.min_size=64",
+        "--model.init_args.anchor_sizes=[16, 24]",
+        "--model.init_args.box_batch_size_per_image=8",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.default_root_dir",
+        str(tmp_path / run),
+        *extra,
+    ]

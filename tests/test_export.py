@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
+import csv
 
 import pytest
 import torch
-from helpers import ROOT, randomize_bn
+from helpers import ROOT, make_tree, randomize_bn
 
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed: pip install 'lightning_frozenbn[export]'")
 pytest.importorskip("onnxruntime")
@@ -134,13 +135,75 @@ def test_export_mistakes_are_one_line_and_leave_nothing_half_written(quickstart_
     assert exit_info.value.code == 2 and "checkpoint of FrozenBNClassifier" in capsys.readouterr().err
 
 
-def test_a_detector_says_its_export_is_not_built_yet():
+def test_a_detector_asked_for_a_torch_export_program_is_told_why_in_one_line(tmp_path):
     from lightning_frozenbn import FrozenBNDetector
-    from lightning_frozenbn.export import ExportingTrainer
+    from lightning_frozenbn.trainer import ExportingTrainer
 
     trainer = ExportingTrainer(accelerator="cpu", logger=False, enable_checkpointing=False)
-    with pytest.raises(ExportError, match="FrozenBNDetector cannot be exported yet"):
-        trainer.export(FrozenBNDetector(3, arch="resnet18"), output="unused")
+    with pytest.raises(ExportError, match=r"data-dependent sizes after the RPN's NMS. Use --formats \[onnx\]"):
+        trainer.export(FrozenBNDetector(3, arch="resnet18", weights=None), output=str(tmp_path), formats=["pt2"])
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def _predict_args(root, out, *extra):
+    return [
+        "predict", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+        "--data.init_args.root", str(root / "digits"), "--data.init_args.num_workers", "0",
+        "--trainer.default_root_dir", str(root / "predict-run"), "--trainer.enable_progress_bar", "false",
+        "--prediction_writer.output", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_predict_from_the_exported_file_writes_the_eager_predictions(quickstart_checkpoint, capsys, tmp_path):
+    """`predict --exported model.onnx` runs the file in onnxruntime through the same data and CSV writer:
+    the same rows as `predict --ckpt_path` (probabilities within 1e-5)."""
+    root, ckpt = quickstart_checkpoint
+    out = root / "exported-for-predict"
+    main(_export_args(root, ckpt, out, "--formats", "[onnx]"))
+    eager, exported = tmp_path / "eager.csv", tmp_path / "exported.csv"
+    main(_predict_args(root, eager, "--ckpt_path", str(ckpt)))
+    main(_predict_args(root, exported, "--exported", str(out / "model.onnx"), "--model.init_args.weights", "DEFAULT"))
+    # weights DEFAULT would download ImageNet weights: with --exported the model's weights are not read (offline)
+    rows, onnx_rows = list(csv.DictReader(eager.open())), list(csv.DictReader(exported.open()))
+    assert len(rows) == len(onnx_rows) > 50 and len({r["predicted_class"] for r in rows}) > 3
+    for row, got in zip(rows, onnx_rows):
+        assert (got["file"], got["predicted_class"]) == (row["file"], row["predicted_class"])
+        assert float(got["probability"]) == pytest.approx(float(row["probability"]), abs=1e-5)
+    capsys.readouterr()
+    cases = {  # each refused in one line, before a run is created
+        "both": (["--exported", str(out / "model.onnx"), "--ckpt_path", str(ckpt)], "both name the model: give one"),
+        "missing": (["--exported", str(tmp_path / "gone.onnx")], "gone.onnx': no such file"),
+        "not-onnx": (["--exported", str(eager)], "is not an ONNX file"),
+    }
+    for name, (extra, expected) in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(_predict_args(root, tmp_path / f"{name}.csv", *extra))
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert exit_info.value.code == 2 and len(err) == 1 and expected in err[0], (name, err)
+        assert not (tmp_path / f"{name}.csv").exists()
+    with pytest.raises(SystemExit) as exit_info:  # a classifier's file given to the detector's command
+        detect_main(["predict", "--config", str(ROOT / "configs" / "detection_quickstart.yaml"),
+                     "--exported", str(out / "model.onnx")])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert (
+        "holds a classification model, not detection: run it with `lightning-frozenbn predict`"
+        in capsys.readouterr().err
+    )
+
+
+def test_predict_from_a_file_exported_with_other_class_names_is_refused(tmp_path):
+    from lightning_frozenbn.data import ImageFolderDataModule
+    from lightning_frozenbn.trainer import ExportingTrainer
+
+    make_tree(tmp_path / "data", classes=("cat", "dog"))
+    model = FrozenBNClassifier(num_classes=2, arch="resnet18", weights=None).eval()
+    path = export_onnx(deployable(model), torch.randn(1, 3, 32, 32), tmp_path / "m.onnx",
+                       {"task": "classification", "class_names": ["dog", "cat"]})  # fmt: skip
+    data = ImageFolderDataModule(root=str(tmp_path / "data"), image_size=32, num_workers=0)
+    trainer = ExportingTrainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    with pytest.raises(ExportError, match=r"exported with the classes \['dog', 'cat'\], the data has \['cat', 'dog'\]"):
+        trainer.predict(model, datamodule=data, exported=str(path))
 
 
 @pytest.mark.parametrize(
@@ -152,3 +215,29 @@ def test_every_documented_export_option_is_parsed_by_the_cli(option, capsys):
     assert exit_info.value.code in (0, None), capsys.readouterr().err
     value = option[1].strip("[]")
     assert f"{option[0][2:]}:" in (printed := capsys.readouterr().out) and value in printed
+
+
+def test_predict_keeps_every_argument_of_lightnings_predict():
+    """The CLI's `predict` options are this signature: an argument Lightning adds must not be dropped (the
+    override once lost `weights_only`, and `predict --ckpt_path` stopped parsing)."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from lightning_frozenbn.trainer import ExportingTrainer
+
+    ours, theirs = inspect.signature(ExportingTrainer.predict), inspect.signature(Trainer.predict)
+    assert list(ours.parameters)[: len(theirs.parameters)] == list(theirs.parameters)
+    assert [p.default for p in ours.parameters.values()][: len(theirs.parameters)] == [
+        p.default for p in theirs.parameters.values()
+    ]
+    assert "exported" in ours.parameters
+
+
+def test_predict_exported_is_parsed_by_the_cli(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["predict", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--exported", "m.onnx", "--print_config"]
+        )
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    assert "exported: m.onnx" in capsys.readouterr().out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, quiet_trainer, randomize_bn
+from helpers import ROOT, quiet_trainer, randomize_bn, tiny_detection_args
 from pycocotools.coco import COCO
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -221,32 +221,6 @@ def detect(*args, cwd, timeout=300, wait=True):
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-def tiny_args(tmp_path, run="run", *extra):
-    """The detection quickstart config on a tiny canvas set: 16 training canvases of 64 px, random init."""
-    return [
-        "--config",
-        str(ROOT / "configs" / "detection_quickstart.yaml"),
-        "--data.init_args.root",
-        str(tmp_path / "dd"),
-        "--data.init_args.canvas_size=64",
-        "--data.init_args.digit_size=[16, 24]",
-        "--data.init_args.num_train=16",
-        "--data.init_args.num_val=4",
-        "--data.init_args.batch_size=4",
-        "--data.init_args.num_workers=0",
-        "--model.init_args.weights=null",
-        "--model.init_args.calibrate_bn=1",
-        "--model.init_args.min_size=64",
-        "--model.init_args.anchor_sizes=[16, 24]",
-        "--model.init_args.box_batch_size_per_image=8",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.default_root_dir",
-        str(tmp_path / run),
-        *extra,
-    ]
-
-
 @pytest.mark.slow
 def test_detect_ddp_two_processes_fit_then_predict_one_coco_results_file(tmp_path):
     # score threshold 0: a 1-epoch model from random init scores every region below torchvision's 0.05
@@ -257,7 +231,7 @@ def test_detect_ddp_two_processes_fit_then_predict_one_coco_results_file(tmp_pat
         "--model.init_args.box_score_thresh=0.0",
         "--data.init_args.num_val=5",  # odd: the sampler pads rank 1 with a repeat of the first image
     ]
-    fit = detect("fit", *tiny_args(tmp_path, "run", *ddp, "--trainer.max_epochs=1"), cwd=tmp_path)
+    fit = detect("fit", *tiny_detection_args(tmp_path, "run", *ddp, "--trainer.max_epochs=1"), cwd=tmp_path)
     out = fit.stdout + fit.stderr
     assert fit.returncode == 0, out[-3000:]
     assert "bit-identical at epoch 0 on all 2 ranks" in out
@@ -266,13 +240,13 @@ def test_detect_ddp_two_processes_fit_then_predict_one_coco_results_file(tmp_pat
     assert "val/map_50" in metrics and "train/loss_objectness" in metrics and "val/map_small" in metrics
     # the 2-rank validation mAP is the mAP of the same checkpoint on the 5 images in one process
     ddp_map = [r for r in csv.DictReader(io.StringIO(metrics)) if r.get("val/map")][-1]
-    single = DetectionCLI(args=tiny_args(tmp_path, "single", *ddp[3:]), run=False)
+    single = DetectionCLI(args=tiny_detection_args(tmp_path, "single", *ddp[3:]), run=False)
     one = single.trainer.validate(single.model, datamodule=single.datamodule, ckpt_path=str(last), verbose=False)[0]
     assert float(ddp_map["val/images"]) == one["val/images"] == 5  # the repeat rank 1 evaluated is not counted
     for key in ("val/map", "val/map_50", "val/mar_100"):
         assert float(ddp_map[key]) == pytest.approx(one[key], abs=1e-6), (key, ddp_map[key], one[key])
     results = tmp_path / "detections.json"
-    args = tiny_args(tmp_path, "run", *ddp)
+    args = tiny_detection_args(tmp_path, "run", *ddp)
     pred = detect("predict", *args, "--ckpt_path", str(last), "--prediction_writer.output", str(results), cwd=tmp_path)
     assert pred.returncode == 0, (pred.stdout + pred.stderr)[-3000:]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -314,7 +288,7 @@ def test_detect_ddp_two_processes_fit_then_predict_one_coco_results_file(tmp_pat
 
 @pytest.mark.slow
 def test_detect_kill_9_then_resume_last_keeps_frozen_tensors_and_the_guard_count(tmp_path):
-    args = tiny_args(tmp_path, "run", "--trainer.max_epochs=3", "--model.init_args.calibrate_bn=0")
+    args = tiny_detection_args(tmp_path, "run", "--trainer.max_epochs=3", "--model.init_args.calibrate_bn=0")
     proc = detect("fit", *args, cwd=tmp_path, wait=False)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     try:
@@ -358,7 +332,7 @@ def test_a_checkpoint_of_the_other_kind_is_refused_with_the_fix(tmp_path, capsys
     # the detect command (what the user types), in this process
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        detect_main(["validate", *tiny_args(tmp_path), "--ckpt_path", str(ckpt)])
+        detect_main(["validate", *tiny_detection_args(tmp_path), "--ckpt_path", str(ckpt)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err[-2000:]
     assert "checkpoint of FrozenBNClassifier, not of FrozenBNDetector" in err and "`lightning-frozenbn` for it" in err
@@ -378,22 +352,15 @@ def test_a_checkpoint_of_the_other_kind_is_refused_with_the_fix(tmp_path, capsys
         FrozenBNClassifier.load_from_checkpoint(tmp_path / "det.ckpt")
 
 
-@pytest.fixture(scope="module")
-def tiny_fit(tmp_path_factory):
-    """One epoch of `lightning-frozenbn-detect fit` in this process on the tiny canvas set: (folder, last.ckpt)."""
-    folder = tmp_path_factory.mktemp("tiny_fit")
-    fit_args = ["--trainer.max_epochs=1", "--model.init_args.box_nms_thresh=0.3", "--model.init_args.roi_output_size=6"]
-    DetectionCLI(args=["fit", *tiny_args(folder, "run", *fit_args)])
-    return folder, folder / "run" / "checkpoints" / "last.ckpt"
-
-
 def test_run_settings_given_to_a_checkpoint_command_beat_the_checkpoints(tiny_fit):
     """LightningCLI rebuilds the model from the checkpoint's hyperparameters; a test-time threshold the
     command gives is used instead, a setting it does not give comes from the checkpoint, and what the
     model is built of (the RoIAlign size) always comes from the checkpoint."""
     folder, ckpt = tiny_fit
     args = ["--ckpt_path", str(ckpt), "--model.init_args.box_score_thresh=0.6", "--trainer.limit_val_batches=1"]
-    cli = DetectionCLI(args=["validate", *tiny_args(folder, "validate"), *args])  # the config says roi_output_size 4
+    cli = DetectionCLI(
+        args=["validate", *tiny_detection_args(folder, "validate"), *args]
+    )  # the config says roi_output_size 4
     model = cli.model
     assert model.roi_heads.score_thresh == 0.6 and model.hparams.box_score_thresh == 0.6  # the command's
     assert model.roi_heads.nms_thresh == 0.3  # the checkpoint's: the command did not set it
