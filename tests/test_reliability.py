@@ -80,9 +80,9 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     from lightning_frozenbn import DigitsDataModule
 
     DigitsDataModule(root=tmp_path / "digits").prepare_data()
-    uninterrupted = subprocess.run(fit_args(tmp_path, "A"), capture_output=True, text=True, timeout=300)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-
+    # the uninterrupted run A alongside B (separate processes and folders, the same seed): the suite waits once
+    log = open(tmp_path / "A.log", "w")  # noqa: SIM115 (closed once A has ended)
+    uninterrupted = subprocess.Popen(fit_args(tmp_path, "A"), stdout=log, stderr=subprocess.STDOUT)
     proc = subprocess.Popen(fit_args(tmp_path, "B"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: any((tmp_path / "B").rglob("last.ckpt")), 240, proc), "no checkpoint before exit"
@@ -99,6 +99,9 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
         fit_args(tmp_path, "B", "--ckpt_path", str(last)), capture_output=True, text=True, timeout=300
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted.wait(timeout=300)
+    log.close()
+    assert uninterrupted.returncode == 0, (tmp_path / "A.log").read_text()[-3000:]
 
     final_a = torch.load(next((tmp_path / "A").rglob("last.ckpt")), weights_only=True)
     final_b = torch.load(tmp_path / "B" / "checkpoints" / "last.ckpt", weights_only=True)  # the resumed run's
