@@ -363,7 +363,8 @@ class CocoDetectionDataModule(DetectionDataModule):
         if self.paths["train"] is None:
             raise DataError(
                 "The categories are unknown: there is no training split to read them from. Pass the checkpoint "
-                "with --ckpt_path (fit records them in it), or set `data.init_args.categories` "
+                "with --ckpt_path (fit records them in it) or the exported file with --exported, or set "
+                "`data.init_args.categories` "
                 '(e.g. [{"id": 1, "name": "person"}, ...]).'
             )
         return self._split_annotations("train")["categories"]
