@@ -115,6 +115,7 @@ class ExportingTrainer(Trainer):
                 "a detector cannot be exported as a torch.export program (.pt2): torch.export stops at the "
                 "data-dependent sizes after the RPN's NMS. Use --formats [onnx]."
             )
+        ckpt_path = self._named_checkpoint(ckpt_path)
         checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path) if ckpt_path is not None else {}
         if checkpoint:
             model.load_state_dict(checkpoint["state_dict"])
@@ -157,6 +158,21 @@ class ExportingTrainer(Trainer):
             said = f"; checked against eager at {shapes}: max |diff| {max(diffs):.3g}" if diffs else ""
             print(f"{path}: {fmt}, every frozen BN folded{said}", flush=True)
         return written
+
+    def _named_checkpoint(self, ckpt_path: str | None) -> str | None:
+        """``last`` is the run's ``last.ckpt`` (where its checkpoint callback writes), as for fit and predict.
+
+        Lightning resolves ``last`` inside fit/validate/test/predict; ``export`` loads the file itself, so it
+        resolves it here. ``best`` needs a fit in this process and is refused, naming the fix.
+        """
+        if ckpt_path == "last":
+            folder = getattr(self.checkpoint_callback, "dirpath", None) or Path(self.default_root_dir) / "checkpoints"
+            return str(Path(folder) / "last.ckpt")
+        if ckpt_path in ("best", "hpc", "registry"):
+            raise ExportError(
+                f"--ckpt_path {ckpt_path} names no file before a fit: give the checkpoint's path, or `last`."
+            )
+        return ckpt_path
 
     def predict(
         self,

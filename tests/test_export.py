@@ -135,6 +135,18 @@ def test_export_mistakes_are_one_line_and_leave_nothing_half_written(quickstart_
     assert exit_info.value.code == 2 and "checkpoint of FrozenBNClassifier" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_export_ckpt_path_last_is_the_runs_last_checkpoint_as_for_fit_and_predict(quickstart_checkpoint, capsys):
+    root, ckpt = quickstart_checkpoint
+    out = root / "exported-last"
+    main(_export_args(root, "last", out, "--formats", "[onnx]", "--trainer.default_root_dir", str(root / "run")))
+    assert f"{out / 'model.onnx'}: onnx, every frozen BN folded; checked" in capsys.readouterr().out
+    assert read_metadata(out / "model.onnx")["checkpoint"] == str(ckpt)  # the run's last.ckpt, resolved
+    with pytest.raises(SystemExit) as exit_info:  # no fit in this process: nothing is "best" yet
+        main(_export_args(root, "best", root / "exported-best"))
+    assert exit_info.value.code == 2 and "--ckpt_path best names no file before a fit" in capsys.readouterr().err
+
+
 def test_a_detector_asked_for_a_torch_export_program_is_told_why_in_one_line(tmp_path):
     from lightning_frozenbn import FrozenBNDetector
     from lightning_frozenbn.trainer import ExportingTrainer
