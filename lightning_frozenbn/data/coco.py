@@ -15,7 +15,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from lightning_frozenbn.data.annotations import check_categories, read_annotations
-from lightning_frozenbn.data.contract import SPLIT_STAGE, STAGE_SPLITS, ChunkEntry, LabelledDataModule
+from lightning_frozenbn.data.contract import (
+    SPLIT_STAGE,
+    STAGE_SPLITS,
+    ChunkEntry,
+    LabelledDataModule,
+    check_loader_settings,
+)
 from lightning_frozenbn.data.decode import decode_file
 from lightning_frozenbn.data.folder import check_header
 from lightning_frozenbn.data.image_files import UnlabelledImages
@@ -190,9 +196,7 @@ class DetectionDataModule(LabelledDataModule):
         categories: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("num_workers", num_workers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
-                raise DataError(f"{name}={value!r} is invalid: expected an integer >= {int(name == 'batch_size')}.")
+        check_loader_settings(batch_size, num_workers)
         if predict_split not in ("val", "test"):
             raise DataError(f"predict_split={predict_split!r} is invalid: expected 'val' or 'test'.")
         self._categories = None if categories is None else check_categories(categories)

@@ -17,6 +17,13 @@ STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)
 SPLIT_STAGE = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}
 
 
+def check_loader_settings(batch_size: Any, num_workers: Any) -> None:
+    """Refuse a batch size under 1 or a negative worker count when the data module is built, not at the first batch."""
+    for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DataError(f"{name}={value!r} is invalid: expected an integer >= {least}.")
+
+
 class ChunkEntry(NamedTuple):
     """One sample of a split, as ``lightning-frozenbn-optimize`` writes it into chunks.
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_frozenbn.data.contract import SPLIT_STAGE, STAGE_SPLITS, LabelledDataModule
+from lightning_frozenbn.data.contract import SPLIT_STAGE, STAGE_SPLITS, LabelledDataModule, check_loader_settings
 from lightning_frozenbn.data.decoders import (
     DecodeDevice,
     Decoder,
@@ -90,8 +90,7 @@ class ImageDataModule(LabelledDataModule):
         check_decode_choice(decode, decode_device)
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
             raise DataError(f"image_size={image_size!r} is invalid: expected an integer >= 8 (e.g. 224).")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise DataError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1.")
+        check_loader_settings(batch_size, num_workers)
         if not 0 < min_scale <= 1:
             raise DataError(f"min_scale={min_scale!r} is invalid: expected a fraction in (0, 1].")
         if eval_resize is not None and eval_resize < image_size:

@@ -70,6 +70,7 @@ def test_an_undecodable_image_is_named(tmp_path):
     [
         ({"image_size": 0}, "image_size=0 is invalid"),
         ({"batch_size": 0}, "batch_size=0 is invalid"),
+        ({"num_workers": -1}, r"num_workers=-1 is invalid: expected an integer >= 0"),
         ({"min_scale": 1.5}, "min_scale=1.5 is invalid"),
     ],
 )
