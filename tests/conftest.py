@@ -12,6 +12,19 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the benchmark's and study's modules
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected
+def pytest_collection_modifyitems(config, items):
+    """Start the long scripts of the selected tests now (``EARLY`` in their module: test name -> arguments)."""
+    from helpers import start_early
+
+    if config.option.collectonly:
+        return
+    for item in items:
+        args = getattr(item.module, "EARLY", {}).get(getattr(item, "originalname", item.name))
+        if args is not None:
+            start_early(item.nodeid, args)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_cleanup():
     torch.manual_seed(0)

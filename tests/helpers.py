@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +26,63 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 # import torch and Lightning again (~10 s a run on these 2 cores, 5x the training); "ddp" would re-run
 # pytest. The CLI's own launcher ("ddp", torchrun) is tested through real console processes.
 DDP_IN_PYTEST = "ddp_fork"
+
+
+_ZYGOTE = None
+
+
+def python() -> str:
+    """The interpreter for a console process a test starts: the client of the tests' fork server.
+
+    A worker forked from a server that imported the package once, instead of 6-10 s of imports in every
+    process (tests/zygote.py says how it stays a real process and what differs). ``LFBN_REAL_PYTHON=1``
+    runs the real interpreter instead, to check that a test does not depend on the difference.
+    """
+    global _ZYGOTE
+    if os.environ.get("LFBN_REAL_PYTHON") == "1":
+        return sys.executable
+    if _ZYGOTE is None:
+        from zygote import Zygote
+
+        _ZYGOTE = Zygote()
+        atexit.register(_ZYGOTE.close)
+        if not _ZYGOTE.ready():
+            warnings.warn(
+                "the tests' fork server did not start; console processes use the real interpreter", stacklevel=2
+            )
+    return _ZYGOTE.python  # the client falls back to the real interpreter when no server listens
+
+
+_EARLY: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+
+def start_early(key: str, args: Callable[[Path], list[str]]) -> None:
+    """Start ``python args(folder)`` now, at the lowest CPU priority, in a fresh folder; ``finish_early`` awaits it.
+
+    Why: the reduced studies and the benchmark smoke run are single end-to-end scripts of 30-100 s that
+    leave one of the two cores mostly idle, as do most other tests; started when the suite starts
+    (``tests/conftest.py``, for the selected tests that list them in their module's ``EARLY``), they
+    use that idle core at nice 19 while the rest of the suite runs, and their tests assert on what they
+    wrote exactly as before.
+    """
+    if key in _EARLY:
+        return
+    folder = Path(tempfile.mkdtemp(prefix="early-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(
+            [python(), *args(folder)], cwd=folder, stdout=out, stderr=err, preexec_fn=lambda: os.nice(19)
+        )
+    atexit.register(proc.kill)  # a session stopped early does not leave it running
+    _EARLY[key] = (proc, folder)
+
+
+def finish_early(key: str, args: Callable[[Path], list[str]], timeout: float = 600) -> tuple[int, str, Path]:
+    """Wait for the script ``start_early`` started (starting it now if it was not): exit code, stderr, folder."""
+    start_early(key, args)
+    proc, folder = _EARLY[key]
+    proc.wait(timeout=timeout)
+    return proc.returncode, (folder / "stderr.txt").read_text(), folder
 
 
 def tiny_loader(n: int = 16, size: int = 32, num_classes: int = 4, batch_size: int = 4, seed: int = 0) -> DataLoader:

@@ -1,12 +1,10 @@
 import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from bench.saved import saved_bytes  # noqa: E402
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, finish_early  # noqa: E402
 
 
 def test_saved_bytes_figure_quoted_in_the_readme():
@@ -24,60 +22,62 @@ def test_saved_bytes_figure_quoted_in_the_readme():
     assert round(saved[("ours (folded)", "fp32")]["saved_mib"], 1) == 111.5
 
 
+def smoke_run(out):
+    """The benchmark at toy sizes, every section."""
+    return [
+        str(ROOT / "scripts" / "benchmark.py"),
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "32",
+        "--steps",
+        "2",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",  # bf16 is emulated on this CPU: a detection pass costs ~7 s whatever the size
+        "--output",
+        str(out / "bench.json"),
+        "--epilogue-off",  # on CPU the same function as ours: checks the plumbing, measures nothing
+        "--data-images",
+        "8",
+        "--data-image-size",
+        "32",
+        "--worker-counts",
+        "1",
+        "--fit-steps",
+        "2",
+        "--data-rounds",
+        "1",
+        "--pipeline-batch",
+        "4",
+        "--det-size",
+        "64",
+        "--det-batch",
+        "1",
+        "--det-regions",
+        "8",
+        "--det-steps",
+        "1",
+        "--det-classes",
+        "3",
+        "--stream-images",
+        "16",
+    ]
+
+
+# started when the suite starts, beside the other tests (helpers.start_early says why)
+EARLY = {"test_benchmark_script_runs_every_section_and_writes_json": smoke_run}
+
+
 @pytest.mark.slow
-def test_benchmark_script_runs_every_section_and_writes_json(tmp_path):
+def test_benchmark_script_runs_every_section_and_writes_json(request):
     """A smoke run at toy sizes: the script must not rot. Timings are not asserted (noisy machine)."""
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "benchmark.py"),
-            "--arch",
-            "resnet18",
-            "--batch-size",
-            "2",
-            "--image-size",
-            "32",
-            "--steps",
-            "2",
-            "--rounds",
-            "1",
-            "--warmup",
-            "0",  # bf16 is emulated on this CPU: a detection pass costs ~7 s whatever the size
-            "--output",
-            str(out),
-            "--epilogue-off",  # on CPU the same function as ours: checks the plumbing, measures nothing
-            "--data-images",
-            "8",
-            "--data-image-size",
-            "32",
-            "--worker-counts",
-            "1",
-            "--fit-steps",
-            "2",
-            "--data-rounds",
-            "1",
-            "--pipeline-batch",
-            "4",
-            "--det-size",
-            "64",
-            "--det-batch",
-            "1",
-            "--det-regions",
-            "8",
-            "--det-steps",
-            "1",
-            "--det-classes",
-            "3",
-            "--stream-images",
-            "16",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    returncode, stderr, folder = finish_early(request.node.nodeid, smoke_run)
+    assert returncode == 0, stderr[-3000:]
+    out = folder / "bench.json"
     data = json.loads(out.read_text())
     assert {r["variant"] for r in data["steps"]} == {
         "ours (folded)",

@@ -1,12 +1,11 @@
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_evil_pickle
+from helpers import python, write_evil_pickle
 
 from lightning_frozenbn import AtomicCheckpointIO, CheckpointError
 
@@ -25,7 +24,7 @@ while True:
 
 def test_a_kill_during_a_large_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([python(), "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "first"
         assert proc.stdout.readline().strip() == "writing"

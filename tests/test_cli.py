@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import ROOT
+from helpers import ROOT, python
 
 from lightning_frozenbn import FrozenBNClassifier
 from lightning_frozenbn.cli import detect_main, main
@@ -27,7 +27,7 @@ DETECTION = {  # read by lightning-frozenbn-detect
 def cli(*args, cwd, timeout=300):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "lightning_frozenbn", *args],
+        [python(), "-m", "lightning_frozenbn", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -238,7 +238,7 @@ def test_multinode_fit_then_ddp_predict_on_cpu(tmp_path, capsys, monkeypatch):
         **os.environ,
         "RUN_DIR": str(tmp_path / "run"),
         "DATA_DIR": str(tmp_path / "digits"),
-        "PYTHON": sys.executable,
+        "PYTHON": python(),
     }
     result = subprocess.run(
         ["bash", str(ROOT / "scripts" / "multinode_local.sh")],

@@ -1,10 +1,9 @@
 import importlib.util
 import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, python
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 
@@ -66,15 +65,13 @@ def test_tensorboard_logs_give_the_curves_the_csv_gives(tmp_path):
 
 def test_plot_metrics_writes_a_png_from_a_run_directory(tmp_path):
     fit_with_both_loggers(tmp_path / "run")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path / "run")], capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([python(), str(SCRIPT), str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "3 epochs of train/loss, 3 of val/acc" in result.stdout
     png = next((tmp_path / "run").rglob("curves.png"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     bad = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path / "nope.csv")], capture_output=True, text=True, timeout=60
+        [python(), str(SCRIPT), str(tmp_path / "nope.csv")], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode != 0 and "nope.csv does not exist" in bad.stderr
 

@@ -4,14 +4,13 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from helpers import DDP_IN_PYTEST, ROOT, quiet_trainer, randomize_bn, tiny_loader
+from helpers import DDP_IN_PYTEST, ROOT, python, quiet_trainer, randomize_bn, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.multiprocessing import ProcessRaisedException
 
@@ -30,7 +29,7 @@ def pretrained_file(tmp_path) -> Path:
 
 def fit_args(tmp_path, run, *extra):
     return [
-        sys.executable,
+        python(),
         "-m",
         "lightning_frozenbn",
         "fit",
@@ -165,9 +164,10 @@ def test_ddp_rank_1_killed_rank_0_exits_then_resume(tmp_path):
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lambda: any((tmp_path / "ddp").rglob("last.ckpt")), 240, proc), "no checkpoint"
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        assert children, "rank 1 process not found"
-        os.kill(int(children[0]), signal.SIGKILL)
+        rank_1 = _started_with(str(tmp_path), "LOCAL_RANK=1")
+        assert rank_1, "rank 1 process not found"
+        for pid in rank_1:
+            os.kill(pid, signal.SIGKILL)
         killed = time.time()
         proc.wait(timeout=120)
         assert time.time() - killed < 120
@@ -184,6 +184,22 @@ def test_ddp_rank_1_killed_rank_0_exits_then_resume(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "bit-identical at epoch" in resumed.stdout + resumed.stderr
+
+
+def _started_with(argument: str, variable: str) -> list[int]:
+    """The processes started with ``argument`` in their command line and ``variable`` in their environment.
+
+    Lightning's launcher starts rank 1 with ``LOCAL_RANK=1`` and the command line of rank 0.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and argument.encode() in (entry / "cmdline").read_bytes():
+                if variable.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+        except OSError:  # ended meanwhile, or not ours to read
+            pass
+    return found
 
 
 class TrainCallingUser(FrozenBNClassifier):

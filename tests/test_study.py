@@ -1,20 +1,22 @@
 import json
-import subprocess
-import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, finish_early
+
+STUDY = str(ROOT / "scripts" / "study.py")
+EARLY = {  # started when the suite starts, beside the other tests (helpers.start_early says why)
+    "test_reduced_study_measures_the_three_claims": lambda out: [STUDY, "--quick", "--out", str(out)],
+    "test_reduced_detection_study_measures_the_claims_on_the_detector": lambda out: [
+        *(STUDY, "--task", "detection", "--quick", "--out", str(out))
+    ],
+}
 
 
 @pytest.mark.slow
-def test_reduced_study_measures_the_three_claims(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "study.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=480,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_reduced_study_measures_the_three_claims(request):
+    name = request.node.originalname
+    returncode, stderr, tmp_path = finish_early(request.node.nodeid, EARLY[name])
+    assert returncode == 0, stderr[-3000:]
     for name in ("claim1.md", "claim2.md", "claim3.md", "claim1.png", "results.json", "source_resnet18.pth"):
         assert (tmp_path / name).stat().st_size > 0, name
     results = json.loads((tmp_path / "results.json").read_text())
@@ -35,14 +37,10 @@ def test_reduced_study_measures_the_three_claims(tmp_path):
 
 
 @pytest.mark.slow
-def test_reduced_detection_study_measures_the_claims_on_the_detector(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "study.py"), "--task", "detection", "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=480,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_reduced_detection_study_measures_the_claims_on_the_detector(request):
+    name = request.node.originalname
+    returncode, stderr, tmp_path = finish_early(request.node.nodeid, EARLY[name])
+    assert returncode == 0, stderr[-3000:]
     for name in ("detection.md", "detection.json", "detection.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     results = json.loads((tmp_path / "detection.json").read_text())

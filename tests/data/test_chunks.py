@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import python
 
 pytest.importorskip(
     "litdata", reason="the streaming extra is not installed: pip install 'lightning_frozenbn[streaming]'"
@@ -125,7 +126,8 @@ def test_the_command_takes_a_fit_config_and_reports_bad_input_in_one_line(tmp_pa
 
 
 PACED_WRITE = """
-import sys, time
+import os, sys, time
+print(os.getpid(), flush=True)  # the writer's process, which its lock names
 sys.path.insert(0, {tests!r})
 import lightning_frozenbn.data.chunks as chunks
 from lightning_frozenbn import ImageFolderDataModule
@@ -140,13 +142,12 @@ chunks.optimize_data(ImageFolderDataModule({tree!r}), {out!r}, num_workers=1, ch
 def test_a_write_killed_mid_split_is_completed_by_a_rerun_with_every_sample_once(tmp_path, rerun_workers, capsys):
     import signal
     import subprocess
-    import sys
     import time
     from pathlib import Path
 
     tree, out = jpeg_tree(tmp_path / "tree", n=40), tmp_path / "chunks"
     script = PACED_WRITE.format(tests=str(Path(__file__).parent), tree=str(tree), out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    proc = subprocess.Popen([python(), "-c", script], stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and len(list((out / "train").glob("*.bin"))) < 3:
         time.sleep(0.02)
@@ -202,23 +203,22 @@ def test_a_damaged_chunk_is_one_line_naming_it_when_the_split_is_opened(tmp_path
 
 def test_a_second_writer_on_the_same_folder_is_refused_while_the_first_writes(tmp_path):
     import subprocess
-    import sys
     import time
     from pathlib import Path
 
     tree, out = jpeg_tree(tmp_path / "tree", n=20), tmp_path / "chunks"
     script = PACED_WRITE.format(tests=str(Path(__file__).parent), tree=str(tree), out=str(out))
-    first = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    first = subprocess.Popen([python(), "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
+        writer = int(first.stdout.readline())
         deadline = time.time() + 120
         while time.time() < deadline and first.poll() is None and not list((out / "train").glob("*.bin")):
             time.sleep(0.02)
         assert first.poll() is None, "the first writer finished before the second started"
-        with pytest.raises(
-            DataError, match=rf"is being written by another lightning-frozenbn-optimize \(pid {first.pid}"
-        ):
+        with pytest.raises(DataError, match=rf"is being written by another lightning-frozenbn-optimize \(pid {writer}"):
             optimize_data(ImageFolderDataModule(tree), str(out), num_workers=1, chunk_bytes="8KB")
-        assert first.wait(timeout=120) == 0, first.stderr.read().decode()[-2000:]
+        _, stderr = first.communicate(timeout=120)
+        assert first.returncode == 0, stderr.decode()[-2000:]
     finally:
         first.kill()
     assert read_manifest(Location(str(out)))["splits"] == {"train": 60, "val": 60}  # nothing mixed in

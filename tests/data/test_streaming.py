@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +15,7 @@ pytest.importorskip(
 )
 
 import sample_log  # noqa: E402
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, python  # noqa: E402
 from test_chunks import jpeg_tree  # noqa: E402
 
 from lightning_frozenbn import (  # noqa: E402
@@ -122,7 +121,7 @@ def fit_args(tmp_path, root, log, *extra, delay=0.0):
         f"      init_args: {{path: {log}, delay: {delay}}}\n"
     )
     return [
-        sys.executable, "-m", "lightning_frozenbn", "fit",
+        python(), "-m", "lightning_frozenbn", "fit",
         "--config", str(ROOT / "configs" / "quickstart.yaml"),
         "--config", str(ROOT / "configs" / "streaming.yaml"),
         "--config", str(overlay),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, quiet_trainer, randomize_bn, tiny_detection_args
+from helpers import ROOT, python, quiet_trainer, randomize_bn, tiny_detection_args
 from pycocotools.coco import COCO
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -215,7 +215,7 @@ DETECT = Path(sys.executable).parent / "lightning-frozenbn-detect"
 
 
 def detect(*args, cwd, timeout=300, wait=True):
-    command = [str(DETECT), *args]
+    command = [python(), str(DETECT), *args]
     if not wait:
         return subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
