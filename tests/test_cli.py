@@ -252,7 +252,12 @@ def test_multinode_fit_then_ddp_predict_on_cpu(tmp_path, capsys, monkeypatch):
     assert result.returncode == 0, result.stdout[-2000:] + "".join(v[-2000:] for v in logs.values())
     assert set(logs) == {"node0.log", "node1.log"}
     assert "bit-identical at epoch 0 on all 2 ranks" in logs["node0.log"]
-    assert all("Traceback" not in text for text in logs.values())
+    # torchrun's agents log (and exit 0 from) a race of their own exit barrier: node 0's agent holds the
+    # store and may close it before node 1's agent reads the barrier's last key; our processes' lines only
+    ours = {
+        k: "\n".join(ln for ln in v.splitlines() if "elastic/agent/server/api.py" not in ln) for k, v in logs.items()
+    }
+    assert all("Traceback" not in text for text in ours.values())
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs["node0.log"]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs["node1.log"]  # node 1's process joined as the second rank
     assert "bit-identical at the start of training on all 2 ranks" in logs["node0.log"]

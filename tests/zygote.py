@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -111,6 +112,7 @@ class Zygote:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---- the server ---------------------------------------------------------------------------------
