@@ -15,12 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the 
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected
 def pytest_collection_modifyitems(config, items):
     """Start the long scripts of the selected tests now (``EARLY`` in their module: test name -> arguments)."""
-    from helpers import start_early
+    from helpers import early_args, start_early
 
     if config.option.collectonly:
         return
     for item in items:
-        args = getattr(item.module, "EARLY", {}).get(getattr(item, "originalname", item.name))
+        args = early_args(item)
         if args is not None:
             start_early(item.nodeid, args)
 

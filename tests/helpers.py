@@ -77,9 +77,18 @@ def start_early(key: str, args: Callable[[Path], list[str]]) -> None:
     _EARLY[key] = (proc, folder)
 
 
-def finish_early(key: str, args: Callable[[Path], list[str]], timeout: float = 600) -> tuple[int, str, Path]:
-    """Wait for the script ``start_early`` started (starting it now if it was not): exit code, stderr, folder."""
-    start_early(key, args)
+def early_args(item: pytest.Item) -> Callable[[Path], list[str]] | None:
+    """The script a test lists in its module's ``EARLY`` (test name -> the script's arguments), if any."""
+    return getattr(item.module, "EARLY", {}).get(getattr(item, "originalname", item.name))
+
+
+def finish_early(request: pytest.FixtureRequest, timeout: float = 600) -> tuple[int, str, Path]:
+    """Wait for the test's script that ``start_early`` started (starting it now if it was not).
+
+    Returns the exit code, the script's stderr and the folder it ran in.
+    """
+    key = request.node.nodeid
+    start_early(key, early_args(request.node))
     proc, folder = _EARLY[key]
     proc.wait(timeout=timeout)
     return proc.returncode, (folder / "stderr.txt").read_text(), folder

@@ -6,16 +6,15 @@ from helpers import ROOT, finish_early
 STUDY = str(ROOT / "scripts" / "study.py")
 EARLY = {  # started when the suite starts, beside the other tests (helpers.start_early says why)
     "test_reduced_study_measures_the_three_claims": lambda out: [STUDY, "--quick", "--out", str(out)],
-    "test_reduced_detection_study_measures_the_claims_on_the_detector": lambda out: [
-        *(STUDY, "--task", "detection", "--quick", "--out", str(out))
-    ],
+    "test_reduced_detection_study_measures_the_claims_on_the_detector": (
+        lambda out: [STUDY, "--task", "detection", "--quick", "--out", str(out)]
+    ),
 }
 
 
 @pytest.mark.slow
 def test_reduced_study_measures_the_three_claims(request):
-    name = request.node.originalname
-    returncode, stderr, tmp_path = finish_early(request.node.nodeid, EARLY[name])
+    returncode, stderr, tmp_path = finish_early(request)
     assert returncode == 0, stderr[-3000:]
     for name in ("claim1.md", "claim2.md", "claim3.md", "claim1.png", "results.json", "source_resnet18.pth"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -38,8 +37,7 @@ def test_reduced_study_measures_the_three_claims(request):
 
 @pytest.mark.slow
 def test_reduced_detection_study_measures_the_claims_on_the_detector(request):
-    name = request.node.originalname
-    returncode, stderr, tmp_path = finish_early(request.node.nodeid, EARLY[name])
+    returncode, stderr, tmp_path = finish_early(request)
     assert returncode == 0, stderr[-3000:]
     for name in ("detection.md", "detection.json", "detection.png"):
         assert (tmp_path / name).stat().st_size > 0, name

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from helpers import python
 
 
@@ -84,3 +85,18 @@ def test_each_process_draws_its_own_random_numbers():
     code = "import random, numpy; print(random.random(), numpy.random.rand())"
     first, second = run("-c", code).stdout.split(), run("-c", code).stdout.split()
     assert first[0] != second[0] and first[1] != second[1]
+
+
+def test_a_client_that_ends_before_it_asks_leaves_the_server_serving():
+    import socket
+
+    import helpers
+
+    client = python()
+    if helpers._ZYGOTE is None:
+        pytest.skip("LFBN_REAL_PYTHON=1: no fork server")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(helpers._ZYGOTE.socket)
+    sock.close()  # connected, sent nothing: a client killed at that moment
+    result = run("-c", "import sys; print(sys.executable)")
+    assert (result.returncode, result.stdout) == (0, f"{client}\n")  # a worker of the server, not the fallback

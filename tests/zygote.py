@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import select
 import shutil
 import signal
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 PRELOAD = (  # what nearly every console process imports
@@ -63,7 +65,11 @@ for name in os.listdir("/proc/self/fd"):
             fds.append(int(name))
     except OSError:  # the listing's own descriptor, closed by now
         pass
-request = dict(argv=sys.argv[1:], env=dict(os.environ), cwd=os.getcwd(), pid=os.getpid(), fds=fds,
+try:
+    cwd = os.getcwd()
+except OSError:  # a working directory that was removed: the real interpreter, which runs there anyway
+    os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+request = dict(argv=sys.argv[1:], env=dict(os.environ), cwd=cwd, pid=os.getpid(), fds=fds,
                nice=os.getpriority(os.PRIO_PROCESS, 0))
 socket.send_fds(sock, [json.dumps(request).encode()], fds)
 stream = sock.makefile("r")
@@ -180,7 +186,7 @@ def _run_worker(request: dict, received: list[int], server_sockets: list[socket.
             print(stop.code, file=sys.stderr)
     except BaseException as error:  # what the interpreter prints for an uncaught exception, without our frames
         tb = error.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, runpy_file()):
+        while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, runpy.__file__):
             tb = tb.tb_next
         sys.excepthook(type(error), error.with_traceback(tb), tb)
         code = 1
@@ -197,15 +203,7 @@ def _run_worker(request: dict, received: list[int], server_sockets: list[socket.
     os._exit(code)
 
 
-def runpy_file() -> str:
-    import runpy
-
-    return runpy.__file__
-
-
 def _run(kind: str, target: str, rest: list[str]) -> None:
-    import runpy
-
     if kind == "module":
         sys.argv = [target, *rest]
         runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -259,14 +257,24 @@ def serve(path: str, client: str) -> None:
             continue
         conn, _ = listener.accept()
         data, received, _, _ = socket.recv_fds(conn, 1 << 20, MAX_FDS)
-        request = json.loads(data)
+        try:
+            request = json.loads(data)
+        except ValueError:  # a client that ended before it asked: nothing to run
+            for fd in received:
+                os.close(fd)
+            conn.close()
+            continue
         held = [listener, conn, *(c for c, _ in waiting.values())]
         pidfds = [pidfd for _, pidfd in waiting.values()]
         pid = os.fork()
         if pid == 0:
-            for pidfd in pidfds:
-                os.close(pidfd)
-            _run_worker(request, received, held, client)  # never returns
+            try:
+                for pidfd in pidfds:
+                    os.close(pidfd)
+                _run_worker(request, received, held, client)  # ends the process itself
+            except BaseException:  # a failure before the program ran (a working directory gone): said, and
+                traceback.print_exc()  # never back into this loop as a second server
+            os._exit(70)
         for fd in received:
             os.close(fd)
         try:
