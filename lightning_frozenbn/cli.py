@@ -42,6 +42,11 @@ __all__ = ["DetectionCLI", "FrozenBNCLI", "detect_main", "main"]
 # Mistakes in the user's config, data or files (exit 2) and runtime stops (exit 1): one line, no traceback.
 USER_ERRORS = (InputError, FileNotFoundError, FrozenStateViolation, FloatingPointError, ExportMismatch)
 
+# The guard's default, made once: jsonargparse's lazy_instance inspects the whole call stack (source lines
+# included) to find its caller's module, ~25 ms per call under a deep stack, and every parser asked for one
+# per subcommand. The parser only reads its class path (it is never initialised), so one serves every parser.
+_GUARD_DEFAULT = lazy_instance(FrozenModuleGuard)
+
 
 class _CommandsParser(ConciseErrorsParser):
     """The commands' parser: a model class of the other command is refused with that command's name."""
@@ -115,7 +120,7 @@ class FrozenBNCLI(LightningCLI):
         parser.add_argument(
             "--guard",
             type=FrozenModuleGuard | None,
-            default=lazy_instance(FrozenModuleGuard),
+            default=_GUARD_DEFAULT,
             help="The FrozenModuleGuard callback (null to turn it off).",
         )
         parser.add_lightning_class_args(self.prediction_writer, "prediction_writer")
