@@ -1,13 +1,24 @@
-"""Shared fixtures: seeded RNG and clean process-group state per test; ``scripts/`` importable once, here."""
+"""Shared fixtures: seeded RNG and clean process-group state per test; `scripts/` importable once; OpenMP set to sleep when idle."""
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
 
-import pytest
-import torch
-import torch.distributed as dist
+# Set before torch loads GNU OpenMP, which reads it once: idle OpenMP threads sleep instead of spinning. The
+# suite runs several torch processes at once on few cores (DDP ranks, console processes, the scripts started
+# early), and spinning threads held the cores the others waited for (docs/testing.md has the measurement).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "torch" in sys.modules:  # a plugin imported torch first: this process spins, its children do not
+    warnings.warn(
+        "torch was imported before tests/conftest.py: OMP_WAIT_POLICY reaches child processes only", stacklevel=1
+    )
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the benchmark's and study's modules
 
