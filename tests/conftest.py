@@ -7,10 +7,13 @@ import sys
 import warnings
 from pathlib import Path
 
-# Set before torch loads GNU OpenMP, which reads it once: idle OpenMP threads sleep instead of spinning. The
+# Set before torch loads OpenMP, which reads them once: idle OpenMP threads sleep instead of spinning. The
 # suite runs several torch processes at once on few cores (DDP ranks, console processes, the scripts started
-# early), and spinning threads held the cores the others waited for (docs/testing.md has the measurement).
+# early), and spinning threads held the cores the others waited for. GNU OpenMP (torch's Linux wheels) takes
+# the spin count over the policy: a short spin first, for kernels that start many small parallel regions
+# (docs/testing.md has the measurements). Values already set are kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 if "torch" in sys.modules:  # a plugin imported torch first: this process spins, its children do not
     warnings.warn(
         "torch was imported before tests/conftest.py: OMP_WAIT_POLICY reaches child processes only", stacklevel=1
