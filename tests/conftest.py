@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded RNG and clean process-group state per test; `scripts/` importable once; OpenMP set to sleep when idle."""
+"""Shared fixtures: seeded RNG and clean process-group state per test; `scripts/` importable once; OpenMP settings."""
 
 from __future__ import annotations
 
@@ -14,6 +14,17 @@ from pathlib import Path
 # (docs/testing.md has the measurements). Values already set are kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+_THREADS = os.environ.get("OMP_NUM_THREADS")
+if _THREADS not in (None, "1"):  # e.g. exported by a cluster's job script
+    # Lightning sizes the forked DDP ranks' thread pools only when the variable is unset; with it set, the
+    # 2-process `ddp_fork` tests hang for good in GNU OpenMP after the fork (the pytest process cannot be stopped
+    # but by SIGKILL). Unset, each rank gets its share of the cores as in CI.
+    del os.environ["OMP_NUM_THREADS"]
+    warnings.warn(
+        f"OMP_NUM_THREADS={_THREADS} is unset for the test suite: with it, the forked 2-process DDP tests hang in "
+        "GNU OpenMP. Lightning then sizes each rank's threads itself; OMP_NUM_THREADS=1 is kept if you need it.",
+        stacklevel=1,
+    )
 if "torch" in sys.modules:  # a plugin imported torch first: this process spins, its children do not
     warnings.warn(
         "torch was imported before tests/conftest.py: OMP_WAIT_POLICY reaches child processes only", stacklevel=1
