@@ -82,15 +82,20 @@ def early_args(item: pytest.Item) -> Callable[[Path], list[str]] | None:
     return getattr(item.module, "EARLY", {}).get(getattr(item, "originalname", item.name))
 
 
-def finish_early(request: pytest.FixtureRequest, timeout: float = 600) -> tuple[int, str, Path]:
-    """Wait for the test's script that ``start_early`` started (starting it now if it was not).
+def finish_early(request: pytest.FixtureRequest, timeout: float) -> tuple[int, str, Path]:
+    """Wait up to ``timeout`` seconds for the test's script that ``start_early`` started (starting it now if not).
 
+    The script is killed when the wait runs out, as ``subprocess.run(timeout=...)`` kills its child.
     Returns the exit code, the script's stderr and the folder it ran in.
     """
     key = request.node.nodeid
     start_early(key, early_args(request.node))
     proc, folder = _EARLY[key]
-    proc.wait(timeout=timeout)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     return proc.returncode, (folder / "stderr.txt").read_text(), folder
 
 

@@ -75,7 +75,7 @@ EARLY = {"test_benchmark_script_runs_every_section_and_writes_json": smoke_run}
 @pytest.mark.slow
 def test_benchmark_script_runs_every_section_and_writes_json(request):
     """A smoke run at toy sizes: the script must not rot. Timings are not asserted (noisy machine)."""
-    returncode, stderr, folder = finish_early(request)
+    returncode, stderr, folder = finish_early(request, timeout=300)
     assert returncode == 0, stderr[-3000:]
     out = folder / "bench.json"
     data = json.loads(out.read_text())

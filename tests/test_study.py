@@ -14,7 +14,7 @@ EARLY = {  # started when the suite starts, beside the other tests (helpers.star
 
 @pytest.mark.slow
 def test_reduced_study_measures_the_three_claims(request):
-    returncode, stderr, tmp_path = finish_early(request)
+    returncode, stderr, tmp_path = finish_early(request, timeout=480)
     assert returncode == 0, stderr[-3000:]
     for name in ("claim1.md", "claim2.md", "claim3.md", "claim1.png", "results.json", "source_resnet18.pth"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -37,7 +37,7 @@ def test_reduced_study_measures_the_three_claims(request):
 
 @pytest.mark.slow
 def test_reduced_detection_study_measures_the_claims_on_the_detector(request):
-    returncode, stderr, tmp_path = finish_early(request)
+    returncode, stderr, tmp_path = finish_early(request, timeout=480)
     assert returncode == 0, stderr[-3000:]
     for name in ("detection.md", "detection.json", "detection.png"):
         assert (tmp_path / name).stat().st_size > 0, name
